@@ -1,0 +1,84 @@
+# dystream: `make help` lists the targets. Every target that runs Python first makes sure the
+# project virtual environment (.venv) exists and matches pyproject.toml, so on a fresh clone
+# `make train` and `make test` are the only two commands a user needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+.DEFAULT_GOAL := help
+.SECONDEXPANSION:
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DYSTREAM := $(VENV)/bin/dystream
+STAMP := $(VENV)/.installed
+# torch and torchvision are installed first as a matching pair and then held fixed, so nothing
+# later swaps them for another multi-GB build. Override e.g. TORCH="torch==2.15.* torchvision==0.30.*".
+TORCH ?= torch==2.14.* torchvision==0.29.*
+# pip's notices about optional local package mirrors are noise here.
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+# ---------------------------------------------------------------------------------------------
+# Stages: the chain every recipe sits on. `make train RECIPE=X` first builds (once) the outputs
+# of the stages X needs, then trains X. Outputs live under runs/<stage>/.
+RUNS ?= runs
+CHAIN := vae teacher ode_pairs stage1_ode stage1_sid stage2_gan
+NEEDS_teacher := vae
+NEEDS_ode_pairs := teacher
+NEEDS_stage1_ode := ode_pairs
+NEEDS_stage1_sid := stage1_ode
+NEEDS_stage2_gan := stage1_sid
+# the Lightning subcommand that runs a stage (default fit) and the file that marks it done
+RUN_ode_pairs := predict
+DONE_ode_pairs := $(RUNS)/ode_pairs/pairs/index.json
+done = $(if $(1),$(or $(DONE_$(1)),$(RUNS)/$(1)/checkpoints/last.ckpt))
+
+# default: the furthest stage of the chain whose recipe exists (stage1_sid once it lands)
+RECIPE ?= $(lastword $(foreach s,$(filter-out stage2_gan,$(CHAIN)),$(if $(wildcard recipes/$(s).yaml),$(s))))
+ARGS ?=
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip setuptools wheel $(QUIET_PIP)
+	$(PIP) $(foreach p,$(TORCH),"$(p)") $(QUIET_PIP)
+	$(PY) -c "import torch as t, torchvision as v; print(*(f'{m.__name__}=={m.__version__.split(\"+\")[0]}' for m in (t, v)))" \
+		| tr ' ' '\n' > $(VENV)/constraints.txt
+	PIP_CONSTRAINT=$(CURDIR)/$(VENV)/constraints.txt $(PIP) -e ".[dev]" $(QUIET_PIP)
+	$(PY) -c "import dystream, torchvision, lightning, decord, webdataset, av"
+	@touch $(STAMP)
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: venv
+venv: $(STAMP) ## create/refresh the project virtual environment (.venv)
+
+.PHONY: train
+train: $(STAMP) | $$(call done,$$(NEEDS_$$(RECIPE))) ## train RECIPE (default: the furthest stage) on the embedded synthetic data, e.g. make train RECIPE=vae ARGS="--trainer.max_steps=50"
+	@test -n "$(RECIPE)" || { echo "no recipe found under recipes/"; exit 2; }
+	$(DYSTREAM) $(or $(RUN_$(RECIPE)),fit) --config recipes/$(RECIPE).yaml $(ARGS)
+
+# A missing stage output is built from its recipe, after the outputs it needs.
+$(RUNS)/%/checkpoints/last.ckpt: | $(STAMP) $$(call done,$$(NEEDS_$$*))
+	$(DYSTREAM) $(or $(RUN_$*),fit) --config recipes/$*.yaml
+
+$(DONE_ode_pairs): | $(STAMP) $$(call done,$$(NEEDS_ode_pairs))
+	$(DYSTREAM) predict --config recipes/ode_pairs.yaml
+
+.PHONY: test
+test: $(STAMP) ## run the test suite (CPU, tiny presets)
+	$(VENV)/bin/pytest -q
+
+.PHONY: lint
+lint: $(STAMP) ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+.PHONY: bench
+bench: $(STAMP) ## benchmarks -> docs/benchmarks.md + JSON (QUICK=1 for the under-2-minute mode)
+	$(DYSTREAM) bench all $(if $(QUICK),--quick) $(ARGS)
+
+.PHONY: clean
+clean: ## remove run outputs (keeps .venv and data/)
+	rm -rf $(RUNS) outputs

@@ -1,0 +1,1 @@
+"""Lightning callbacks: evaluation, video logging, EMA, throughput (installed as dystream.callbacks)."""

@@ -1,0 +1,1 @@
+"""Shards, the synthetic dyadic world and LightningDataModules (installed as dystream.datamodules)."""

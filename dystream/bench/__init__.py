@@ -1,0 +1,1 @@
+"""`make bench` / `dystream bench <part>`: speed and memory figures, medians over repeated runs."""

@@ -1,0 +1,100 @@
+"""The `dystream` console script.
+
+`dystream fit|validate|test|predict` is the Lightning CLI (OmegaConf mode, so recipes may use
+`${...}` interpolation); the other subcommands (`data`, `generate`, `eval`, `zoo`, `bench`, ...)
+live in the package that owns them and are listed here only once they exist.
+
+A tool subcommand is a module exposing::
+
+    HELP: str                                    # one line for `dystream --help`
+    def add_arguments(parser: argparse.ArgumentParser) -> None
+    def run(args: argparse.Namespace) -> int     # exit code
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a stage from a recipe (--config recipes/<stage>.yaml)",
+    "validate": "run a stage's validation loop",
+    "test": "run a stage's test loop",
+    "predict": "run a stage's predict loop (e.g. ODE pairs, sample videos)",
+}
+
+# name -> module implementing it. A module that does not exist yet is not offered.
+TOOL_COMMANDS = {
+    "train": "dystream.train",
+    "data": "dystream.datamodules.cli",
+    "generate": "dystream.streaming.cli",
+    "stream": "dystream.streaming.stream_cli",
+    "eval": "dystream.evaluation.cli",
+    "zoo": "dystream.zoo.cli",
+    "bench": "dystream.bench.cli",
+}
+
+
+def available_tool_commands() -> dict[str, str]:
+    """The tool subcommands whose module is installed."""
+    found = {}
+    for name, module in TOOL_COMMANDS.items():
+        try:
+            spec = importlib.util.find_spec(module)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is not None:
+            found[name] = module
+    return found
+
+
+def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
+    """Build (and by default run) the Lightning CLI for any stage and any DataModule."""
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        model_class=None,
+        datamodule_class=None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def build_parser(tools: dict[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dystream",
+        description="Train, evaluate and run real-time streaming talking-and-listening avatars.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in LIGHTNING_COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    for name, module_name in tools.items():
+        module = importlib.import_module(module_name)
+        tool_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(tool_parser)
+        tool_parser.set_defaults(_tool=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        lightning_cli(argv)
+        return 0
+    parser = build_parser(available_tool_commands())
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return int(args._tool.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One objective per file, named after its method."""

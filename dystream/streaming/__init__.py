@@ -1,0 +1,1 @@
+"""Streaming generation: StreamingAvatar, sample-file rendering, video/audio I/O."""

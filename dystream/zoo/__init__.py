@@ -1,0 +1,1 @@
+"""Pretrained model zoo: entries, offline cache, sha256 verification, strict loading."""

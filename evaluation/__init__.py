@@ -1,0 +1,1 @@
+"""Metrics and metric networks (installed as dystream.evaluation)."""
