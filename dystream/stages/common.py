@@ -1,0 +1,60 @@
+"""Pieces every stage shares: freezing, EMA, loading the networks earlier stages handed over."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dystream.zoo.files import load_model
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Freeze ``module`` for good: no gradients, eval mode, and ``.train()`` cannot undo it.
+
+    Frozen networks (VAE, audio encoder, teacher) are frozen here and only here, so a stage's
+    ``model.train()`` never switches a frozen network's dropout or norm statistics back on
+    (open_clip's distillation task keeps its teacher in eval mode the same way).
+    """
+    module.requires_grad_(False)
+    module.eval()
+    module.train = _stay_in_eval.__get__(module)  # type: ignore[method-assign]
+    return module
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def load_frozen(path: str | Path, arch: str) -> nn.Module:
+    """Load a network an earlier stage exported (or a zoo file) and freeze it."""
+    return freeze(load_model(path, arch=arch))
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a network's parameters (buffers are copied).
+
+    Registered as a submodule of the stage, so it is saved in every checkpoint and restored on
+    resume. ``decay`` applies from ``start_step`` on; before that the average tracks the weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, start_step: int = 0) -> None:
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.start_step = start_step
+        self.shadow = copy.deepcopy(model)
+        freeze(self.shadow)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = self.decay if step >= self.start_step else 0.0
+        shadow = dict(self.shadow.named_parameters())
+        for name, param in model.named_parameters():
+            shadow[name].lerp_(param.detach().to(shadow[name].dtype), 1.0 - decay)
+        shadow_buffers = dict(self.shadow.named_buffers())
+        for name, buf in model.named_buffers():
+            shadow_buffers[name].copy_(buf)
