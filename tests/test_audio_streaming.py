@@ -83,6 +83,12 @@ def test_streaming_equals_chunked_for_any_packet_sizes(encoder):
     torch.testing.assert_close(streamed, offline, rtol=0, atol=1e-6)
     # the buffer keeps only the context window, not the whole stream
     assert stream._buf.shape[1] <= (10 + 12 + 2 + 1) * SPF + 80
+    with pytest.raises(RuntimeError, match="flushed"):
+        stream.push(wave[:, :SPF])
+    stream.reset()
+    with torch.no_grad():
+        again = torch.cat([stream.push(padded), stream.flush()], dim=1)
+    torch.testing.assert_close(again, offline, rtol=0, atol=1e-6)
 
 
 def test_streaming_rejects_bad_settings(encoder):

@@ -63,6 +63,7 @@ class AudioEncoderConfig:
     num_conv_pos_embeddings: int = 128
     num_conv_pos_embedding_groups: int = 16
     feat_extract_norm: Literal["group", "layer"] = "group"
+    conv_bias: bool = False  # True in the "layer"-norm (large, lv60) checkpoints
     do_stable_layer_norm: bool = False
     # --- read-out
     # indices into the Wav2Vec2 hidden states (0 = input of the first transformer layer, i = output
@@ -185,6 +186,7 @@ class AudioEncoderConfig:
             num_conv_pos_embeddings=self.num_conv_pos_embeddings,
             num_conv_pos_embedding_groups=self.num_conv_pos_embedding_groups,
             feat_extract_norm=self.feat_extract_norm,
+            conv_bias=self.conv_bias,
             do_stable_layer_norm=self.do_stable_layer_norm,
             # mask_time_prob > 0 keeps the `masked_spec_embed` parameter that the official checkpoints
             # carry (strict loading), while SpecAugment itself is switched off: we extract features.
@@ -420,6 +422,7 @@ class StreamingAudioEncoder:
         self._offset = 0
         self._next = 0  # first video frame not yet emitted
         self._total = 0  # samples pushed so far
+        self._closed = False
 
     @property
     def frames_emitted(self) -> int:
@@ -432,6 +435,8 @@ class StreamingAudioEncoder:
 
     def push(self, samples: Tensor) -> Tensor:
         """``samples [B, n]`` (or ``[n]`` for B = 1) -> features of newly completed frames ``[B, k, D]``."""
+        if self._closed:
+            raise RuntimeError("StreamingAudioEncoder.push: the stream was flushed; call reset() to start a new one")
         if samples.ndim == 1:
             samples = samples[None]
         if samples.ndim != 2:
@@ -453,8 +458,8 @@ class StreamingAudioEncoder:
         if partial:
             self._buf = F.pad(self._buf, (0, spf - partial))
             self._total += spf - partial
-        out = self._emit(final=True)
-        return out
+        self._closed = True
+        return self._emit(final=True)
 
     def _emit(self, final: bool) -> Tensor:
         assert self._buf is not None
