@@ -207,6 +207,32 @@ def test_dropped_audio_equals_module_contributing_nothing():
     torch.testing.assert_close(dropped, zeroed, atol=0, rtol=0)
 
 
+def test_zero_features_mean_no_audio_like_a_dropped_condition():
+    """Per-sample dropout zeroes features in training; sampling passes None: both must be the same branch."""
+    model = _model()
+    x, sigma, talk, listen = _inputs(model.config, 2)
+    with torch.no_grad():
+        for mode in ("bidirectional", "block_causal"):
+            torch.testing.assert_close(model(x, sigma, torch.zeros_like(talk), listen, attention=mode),
+                                       model(x, sigma, None, listen, attention=mode), atol=0, rtol=0)  # fmt: skip
+            # sample 1 dropped by zeroing: equals sample 1 run alone with None; sample 0 unaffected
+            t2 = talk.clone()
+            t2[1] = 0
+            out = model(x, sigma, t2, listen, attention=mode)
+            alone = model(x[1:], sigma[1:], None, listen[1:], attention=mode)
+            torch.testing.assert_close(out[1:], alone, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(out[:1], model(x[:1], sigma[:1], talk[:1], listen[:1], attention=mode))
+        # a silent stretch (mask = 0) over whole latent windows gives those frames no talk update at all
+        t3 = talk.clone()
+        t3[:, :16] = 0  # latent frames 1..3 hear video frames 0..13: silent; frame 4 hears 12..17: not silent
+        a = model(x, sigma, t3, None, attention="block_causal")
+        for block in model.blocks:
+            block.audio_attn.attn.o.weight.zero_()
+            block.audio_attn.attn.o.bias.zero_()
+        b = model(x, sigma, talk, None, attention="block_causal")
+    assert torch.equal(a[:, :, :4], b[:, :, :4]) and not torch.allclose(a[:, :, 4:], b[:, :, 4:])
+
+
 def test_zero_initialised_audio_modules_equal_the_model_without_them():
     with_audio = AvatarDiT(DiTConfig.from_preset("tiny")).eval()
     base = AvatarDiT(DiTConfig.from_preset("tiny", audio_attention=False)).eval()

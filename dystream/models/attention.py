@@ -168,9 +168,13 @@ class CausalLayout:
             )
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``[N, Lq, H, d] x [N, Lk, H, d] -> [N, Lq, H, d]`` scaled dot-product attention (scale 1/sqrt(d))."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """``[N, Lq, H, d] x [N, Lk, H, d] -> [N, Lq, H, d]`` scaled dot-product attention (scale 1/sqrt(d)).
+
+    ``key_mask [N, Lk]`` (bool, True = attend) hides keys; every row needs at least one visible key.
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
 

@@ -24,7 +24,11 @@ own x mask, listen = partner x (1 - mask)); a shared ``audio_proj`` turns each v
 ``audio_tokens_per_frame`` tokens. Latent frame ``i >= 1`` covers video frames ``4(i-1) .. 4i-1`` and attends only
 to the tokens of those frames plus ``audio_lookahead_frames`` later video frames, so conditioning is causal up to
 the look-ahead; the reference frame gets no audio update. ``None`` audio (condition dropped for classifier-free
-guidance) makes the module contribute nothing.
+guidance) makes the module contribute nothing. A video frame whose features are exactly zero carries no audio:
+its tokens are hidden from the attention, and a latent frame with no audio in its whole window gets exactly
+zero update. So per-sample dropout by zeroing features (``dystream.objectives.flow_matching``) trains the same
+unconditional branch that ``None`` gives at sampling time, the talk module is silent while the avatar listens
+(talk features x mask = 0) and vice versa, and the zero padding past the end of a stream is "no audio".
 
 Forward modes:
 
@@ -214,27 +218,34 @@ class CrossAttention(nn.Module):
         self.norm_q = RMSNorm(inner, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(inner, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        # x [N, L, dim], context [N, Lc, dim] -> [N, L, dim]
+    def forward(self, x: Tensor, context: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        # x [N, L, dim], context [N, Lc, dim], key_mask [N, Lc] (True = attend) -> [N, L, dim]
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
         v = self.v(context).unflatten(-1, (self.num_heads, -1))
-        return self.o(_sdpa(q, k, v).flatten(-2))
+        return self.o(_sdpa(q, k, v, key_mask).flatten(-2))
 
 
 class AudioAttention(nn.Module):
-    """Per-latent-frame audio cross-attention (talk or listen); zero-initialised ``o`` (see AvatarDiT.init)."""
+    """Per-latent-frame audio cross-attention (talk or listen); zero-initialised ``o`` (see AvatarDiT.init).
+
+    Tokens of video frames without audio (all-zero features: masked by the speaking mask, dropped for CFG,
+    or past the end of the stream) are hidden from the attention, and a latent frame with no audio at all in
+    its window gets exactly zero update, so zero features mean the same as a dropped (None) condition.
+    """
 
     def __init__(self, dim: int, inner: int, head_dim: int, qk_norm: bool, eps: float) -> None:
         super().__init__()
         self.norm = LayerNorm32(dim, eps)  # parameter-free pre-norm of the residual stream
         self.attn = CrossAttention(dim, inner, head_dim, qk_norm, eps)
 
-    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
-        # x [B, Fa, S, dim] attends to its own frame's audio tokens [B, Fa, W n_tok, dim]
+    def forward(self, x: Tensor, tokens: Tensor, has_audio: Tensor) -> Tensor:
+        # x [B, Fa, S, dim] attends to its own frame's audio tokens [B, Fa, W n_tok, dim]; has_audio [B, Fa, W n_tok]
         b = x.shape[0]
-        out = self.attn(self.norm(x).flatten(0, 1), tokens.flatten(0, 1))  # (B Fa) rows: causal per frame
-        return out.unflatten(0, (b, -1))
+        heard = has_audio.any(-1)  # [B, Fa]
+        key_mask = has_audio | ~heard.unsqueeze(-1)  # silent frames attend to everything; their output is dropped
+        out = self.attn(self.norm(x).flatten(0, 1), tokens.flatten(0, 1), key_mask.flatten(0, 1))  # per frame
+        return out.unflatten(0, (b, -1)) * heard[..., None, None].to(out.dtype)
 
 
 class AudioTokenizer(nn.Module):
@@ -253,13 +264,19 @@ class AudioTokenizer(nn.Module):
         # which of the window's video frames (own 0..3, then look-ahead) a token comes from
         self.pos = nn.Parameter(torch.zeros(self.window, cfg.audio_tokens_per_frame, cfg.dim))
 
-    def forward(self, feats: Tensor, num_latent: int) -> Tensor:
-        # feats [B, 4 n + L, D] -> tokens [B, n, (4 + L) n_tok, dim]; latent frame j hears video frames 4j .. 4j+3+L
+    def forward(self, feats: Tensor, num_latent: int) -> tuple[Tensor, Tensor]:
+        """``feats [B, 4 n + L, D]`` -> tokens ``[B, n, (4 + L) n_tok, dim]`` and ``has_audio [B, n, (4 + L) n_tok]``.
+
+        Latent frame j hears video frames ``4j .. 4j + 3 + L``; a video frame has audio unless its features are
+        all exactly zero.
+        """
         tokens = self.net(feats).unflatten(-1, (self.tokens_per_frame, -1))  # [B, T, n_tok, dim]
         windows = tokens.unfold(1, self.window, self.stride)  # [B, n, n_tok, dim, W]
         windows = rearrange(windows, "b n k c w -> b n w k c") + self.pos
+        present = (feats != 0).any(-1).unfold(1, self.window, self.stride)  # [B, n, W]
+        present = present.unsqueeze(-1).expand(-1, -1, -1, self.tokens_per_frame)  # [B, n, W, n_tok]
         assert windows.shape[1] == num_latent
-        return windows.flatten(2, 3)
+        return windows.flatten(2, 3), present.flatten(2, 3)
 
 
 class AvatarBlock(nn.Module):
@@ -285,13 +302,14 @@ class AvatarBlock(nn.Module):
         x: Tensor,
         e0: Tensor,
         context: Tensor,
-        talk: Tensor | None,
-        listen: Tensor | None,
+        talk: tuple[Tensor, Tensor] | None,
+        listen: tuple[Tensor, Tensor] | None,
         audio_from: int,
         attend,
         layer: int,
     ) -> Tensor:
-        # x [B, F, S, dim]; e0 [B, F, 6, dim] float32 per-frame modulation; talk/listen [B, F - audio_from, W, dim]
+        # x [B, F, S, dim]; e0 [B, F, 6, dim] float32 per-frame modulation;
+        # talk / listen: (tokens [B, F - audio_from, W, dim], has_audio [B, F - audio_from, W]) or None
         mod = (self.modulation.float().unsqueeze(0) + e0.float()).unsqueeze(3)  # [B, F, 6, 1, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)  # each [B, F, 1, dim]
         h = (self.norm1(x).float() * (1 + scale1) + shift1).to(x.dtype)
@@ -303,7 +321,7 @@ class AvatarBlock(nn.Module):
         ):
             if module is None or tokens is None:
                 continue  # condition dropped: the module contributes nothing
-            update = module(x[:, audio_from:], tokens)
+            update = module(x[:, audio_from:], *tokens)
             x = torch.cat([x[:, :audio_from], x[:, audio_from:] + update], dim=1) if audio_from else x + update
         h = (self.norm2(x).float() * (1 + scale2) + shift2).to(x.dtype)
         return x + (self.ffn(h).float() * gate2).to(x.dtype)
@@ -460,7 +478,7 @@ class AvatarDiT(nn.Module):
         return self.text_embedding(context)
 
     def _audio_tokens(self, feats: Tensor | None, batch: int, num_latent: int, name: str, padded: bool):
-        """``feats [B, T, D]`` -> ``[B, num_latent, W n_tok, dim]`` or None (dropped condition / no audio frames)."""
+        """``feats [B, T, D]`` -> (tokens, has_audio) from :class:`AudioTokenizer`, or None (dropped / no frames)."""
         if feats is None:
             return None
         cfg = self.config
@@ -517,8 +535,8 @@ class AvatarDiT(nn.Module):
         self,
         x: Tensor,
         sigma: Tensor,
-        talk: Tensor | None,
-        listen: Tensor | None,
+        talk: tuple[Tensor, Tensor] | None,
+        listen: tuple[Tensor, Tensor] | None,
         audio_from: int,
         context: Tensor,
         attend,
