@@ -1,0 +1,106 @@
+"""The frozen conditioning networks every DiT stage shares: VAE latents and routed audio features.
+
+One module owns the VAE and the audio encoder, frozen, and turns a training batch (or a
+streaming request) into what the AvatarDiT consumes (docs/architecture.md):
+
+- latents ``[B, z, 1 + T/4, h, w]`` of ``cat([reference, video])``: frame 0 is the reference
+  image encoded alone, the causal VAE's first frame;
+- ``audio_talk`` / ``audio_listen`` ``[B, T, D]``: Wav2Vec2 features of the avatar's own voice
+  and of the partner, routed by the speaking mask *after* feature extraction (StreamAvatar §3.2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from dystream.models.audio import AudioEncoder, AudioEncoderConfig, audio_conditions, load_wav2vec2_weights
+from dystream.models.dit import AvatarDiT, DiTConfig
+from dystream.stages.common import freeze, load_frozen
+from dystream.zoo.files import load_model
+
+DiTPresetName = Literal["tiny", "small", "wan2.2-ti2v-5b"]
+
+
+def build_audio_encoder(audio: str, weights: str | None = None, seed: int = 0) -> AudioEncoder:
+    """An exported audio encoder file, or a preset (with local weights, or a fixed seeded init)."""
+    if audio.endswith(".safetensors") or Path(audio).is_file():
+        return load_frozen(audio, "audio")
+    config = AudioEncoderConfig.from_name(audio)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = AudioEncoder(config)
+    if weights is not None:
+        load_wav2vec2_weights(encoder, weights)
+    return freeze(encoder)
+
+
+class AvatarConditioner(nn.Module):
+    """Frozen VAE + audio encoder: batch -> (latents, audio conditions); latents -> video."""
+
+    def __init__(self, vae: str, audio: str = "tiny", audio_weights: str | None = None, audio_seed: int = 0) -> None:
+        super().__init__()
+        self.vae = load_frozen(vae, "vae")
+        self.audio = build_audio_encoder(audio, audio_weights, audio_seed)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def audio_dim(self) -> int:
+        return self.audio.feature_dim
+
+    @torch.no_grad()
+    def encode_video(self, reference: Tensor, video: Tensor) -> Tensor:
+        """reference [B, 3, H, W], video [B, 3, T, H, W] -> latents [B, z, 1 + T/4, h, w]."""
+        clip = torch.cat([reference[:, :, None], video], dim=2)
+        return self.vae.encode(clip, references=reference[:, None])
+
+    @torch.no_grad()
+    def encode_reference(self, reference: Tensor) -> Tensor:
+        """reference [B, 3, H, W] -> its latent frame [B, z, 1, h, w]."""
+        return self.vae.encode(reference[:, :, None], references=reference[:, None])
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, reference: Tensor) -> Tensor:
+        """latents [B, z, F, h, w] -> video [B, 3, 1 + 4(F - 1), H, W] in [-1, 1] (frame 0 = reference)."""
+        return self.vae.decode(latents, references=reference[:, None])
+
+    @torch.no_grad()
+    def audio_conditions(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Talk and listen features ``[B, T, D]`` routed by the speaking mask ``[B, T]``."""
+        return audio_conditions(self.audio, batch["audio_self"], batch["audio_other"], batch["mask"])
+
+
+def build_dit(
+    preset: str,
+    cond: AvatarConditioner,
+    init_weights: str | None = None,
+    text_context: str | None = None,
+    **overrides: Any,
+) -> AvatarDiT:
+    """An AvatarDiT whose latent channels and audio width follow the conditioning networks."""
+    if init_weights is not None:
+        model = load_model(init_weights, arch="dit")
+        if model.config.in_channels != cond.latent_channels or model.config.audio_dim != cond.audio_dim:
+            raise ValueError(
+                f"init_weights {init_weights}: DiT expects {model.config.in_channels} latent channels and "
+                f"audio_dim {model.config.audio_dim}, but the VAE gives {cond.latent_channels} and the audio "
+                f"encoder {cond.audio_dim}"
+            )
+        return model
+    config = DiTConfig.from_preset(
+        preset,
+        in_channels=cond.latent_channels,
+        out_channels=cond.latent_channels,
+        audio_dim=cond.audio_dim,
+        **overrides,
+    )
+    model = AvatarDiT(config)
+    if text_context is not None:
+        model.set_text_context(torch.load(text_context, weights_only=True))
+    return model

@@ -1,0 +1,202 @@
+"""Teacher stage: the bidirectional AvatarDiT fine-tuned with flow matching on talk/listen audio.
+
+StreamAvatar §3.2 and §4.1: Wan2.2-TI2V-5B extended with an audio attention (talking cues) and an
+interact audio attention (listening cues) per block, trained with the base model's rectified-flow
+objective. Frozen here (in one place, :func:`dystream.stages.common.freeze`): the VAE of the VAE
+stage and the Wav2Vec2 audio encoder. The reference image is latent frame 0, clean at sigma 0.
+
+Hand-over to later stages (written at every checkpoint save, see :meth:`on_save_checkpoint`):
+``<export_dir>/teacher.safetensors`` (the EMA weights of the DiT) and
+``<export_dir>/audio.safetensors`` (the exact audio encoder every later stage must reuse).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor
+
+from dystream.diffusion.sampling import AudioGuidance, sample_euler
+from dystream.diffusion.schedule import sample_training_sigma, sampling_sigmas
+from dystream.objectives.flow_matching import FlowMatchingConfig, draw_dropout_masks, flow_matching_loss
+from dystream.stages.common import EMA
+from dystream.stages.conditioning import AvatarConditioner, DiTPresetName, build_dit
+from dystream.streaming.video_io import write_mp4
+from dystream.zoo.files import save_model
+
+
+class TeacherStage(L.LightningModule):
+    """Bidirectional AvatarDiT teacher trained with flow matching (StreamAvatar §3.2).
+
+    Args:
+        vae: the VAE stage's exported file (``runs/vae/vae.safetensors``) or a zoo name.
+        audio: an audio encoder preset name (``tiny``, ``wav2vec2-base-960h``) or an exported
+            audio encoder file. A preset without ``audio_weights`` is initialised from
+            ``audio_seed`` (the tiny chain's random but fixed feature extractor).
+        audio_weights: local Wav2Vec2 weights (directory or file) for a preset, never downloaded.
+        audio_seed: seed of a preset's initialisation when no weights are given.
+        dit_preset: AvatarDiT preset; latent channels and audio width are taken from the VAE and
+            the audio encoder, not repeated here.
+        init_weights: DiT weights to start from (an exported file, or base weights via the zoo).
+        text_context: file holding the fixed prompt's text-encoder output (real presets); tiny
+            presets learn a constant instead.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up.
+        ema_decay: decay of the exponential moving average of the DiT weights.
+        ema_start_step: step from which the EMA decays (before it, it tracks the weights).
+        sigma_distribution: distribution of training sigmas before the shift.
+        shift: timestep shift of training and sampling sigmas (Wan2.2 uses 5).
+        p_drop_talk: probability of dropping the talk audio (classifier-free guidance).
+        p_drop_listen: probability of dropping the listen audio.
+        p_drop_reference: probability of dropping the reference frame.
+        sample_steps: Euler steps when sampling (validation videos, predict).
+        guidance_scale: classifier-free guidance scale over the audio conditions when sampling.
+        export_dir: where the hand-over files and predicted sample videos are written.
+    """
+
+    def __init__(
+        self,
+        vae: str = "runs/vae/vae.safetensors",
+        audio: str = "tiny",
+        audio_weights: str | None = None,
+        audio_seed: int = 0,
+        dit_preset: DiTPresetName = "tiny",
+        init_weights: str | None = None,
+        text_context: str | None = None,
+        lr: PositiveFloat = 2e-4,
+        weight_decay: NonNegativeFloat = 0.0,
+        warmup_steps: NonNegativeInt = 50,
+        ema_decay: ClosedUnitInterval = 0.999,
+        ema_start_step: NonNegativeInt = 0,
+        sigma_distribution: Literal["uniform", "logit_normal"] = "logit_normal",
+        shift: PositiveFloat = 5.0,
+        p_drop_talk: ClosedUnitInterval = 0.1,
+        p_drop_listen: ClosedUnitInterval = 0.1,
+        p_drop_reference: ClosedUnitInterval = 0.05,
+        sample_steps: PositiveInt = 20,
+        guidance_scale: NonNegativeFloat = 3.0,
+        export_dir: str = "runs/teacher",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cond = AvatarConditioner(vae=vae, audio=audio, audio_weights=audio_weights, audio_seed=audio_seed)
+        self.dit = build_dit(dit_preset, self.cond, init_weights=init_weights, text_context=text_context)
+        self.ema = EMA(self.dit, decay=ema_decay, start_step=ema_start_step)
+        self.flow = FlowMatchingConfig(
+            sigma_distribution=sigma_distribution,
+            shift=shift,
+            p_drop_talk=p_drop_talk,
+            p_drop_listen=p_drop_listen,
+            p_drop_reference=p_drop_reference,
+        )
+        self.guidance = AudioGuidance(scale=guidance_scale)
+        self.export_dir = Path(export_dir)
+
+    # -- the narrow denoiser interface of dystream.diffusion -------------------------------------
+    def denoiser(self, net: torch.nn.Module | None = None):
+        net = self.dit if net is None else net
+
+        def call(x: Tensor, sigma: Tensor, cond: dict[str, Any]) -> Tensor:
+            return net(x, sigma, attention="bidirectional", **cond)
+
+        return call
+
+    # -- training --------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, logs = self._loss(batch)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=batch["video"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
+        return loss
+
+    def _loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        x0 = self.cond.encode_video(batch["references"][:, 0], batch["video"])  # [B, z, 1 + T/4, h, w]
+        cond = self.cond.audio_conditions(batch)
+        b = x0.shape[0]
+        sigma = sample_training_sigma(
+            b, distribution=self.flow.sigma_distribution, shift=self.flow.shift, generator=generator, device="cpu"
+        ).to(x0.device, x0.dtype)
+        eps = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+        masks = draw_dropout_masks(b, self.flow, generator=generator, device="cpu")
+        masks = type(masks)(*(m.to(x0.device) for m in (masks.talk, masks.listen, masks.reference)))
+        return flow_matching_loss(self.denoiser(), x0, cond, sigma, eps, masks, self.flow)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ema.update(self.dit, self.global_step)
+
+    def configure_optimizers(self):
+        params = [p for p in self.dit.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- validation: loss at fixed noise, one sampled video --------------------------------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        g = torch.Generator().manual_seed(1234 + batch_idx)  # same noise every validation: comparable curves
+        no_dropout = FlowMatchingConfig(**{**self.flow.__dict__, "p_drop_talk": 0.0, "p_drop_listen": 0.0})
+        no_dropout.p_drop_reference = 0.0
+        flow, self.flow = self.flow, no_dropout
+        try:
+            loss, _ = self._loss(batch, generator=g)
+        finally:
+            self.flow = flow
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["video"].shape[0])
+        if batch_idx == 0:
+            self._log_sample(batch)
+
+    @rank_zero_only
+    def _log_sample(self, batch: dict[str, Any]) -> None:
+        logger = getattr(self.logger, "experiment", None)
+        if logger is None or not hasattr(logger, "add_image"):
+            return
+        video = self.sample(_first(batch), net=self.ema.shadow)[0]  # [3, T, H, W] in [-1, 1]
+        real = batch["video"][0]
+        strip = torch.cat([torch.cat(list(real.unbind(1)), dim=-1), torch.cat(list(video.unbind(1)), dim=-1)], dim=-2)
+        logger.add_image("val/real_vs_sample", (strip.clamp(-1, 1) + 1) / 2, self.global_step)
+
+    # -- sampling and predict --------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, batch: dict[str, Any], net: torch.nn.Module | None = None, steps: int | None = None) -> Tensor:
+        """Generate videos ``[B, 3, T, H, W]`` in [-1, 1] for a batch (reference + both audio tracks)."""
+        reference = batch["references"][:, 0]
+        t = batch["video"].shape[2] if "video" in batch else batch["audio_self"].shape[-1] // 640
+        z_ref = self.cond.encode_reference(reference)  # [B, z, 1, h, w]
+        n_latent = 1 + math.ceil(t / 4)
+        noise = torch.randn(z_ref.shape[0], z_ref.shape[1], n_latent, *z_ref.shape[-2:], device=z_ref.device)
+        x_init = torch.cat([z_ref, noise[:, :, 1:]], dim=2)
+        sigmas = sampling_sigmas(steps or self.hparams.sample_steps, shift=self.flow.shift).to(z_ref.device)
+        z = sample_euler(self.denoiser(net), x_init, self.cond.audio_conditions(batch), sigmas, guidance=self.guidance)
+        if isinstance(z, tuple):  # (final, trajectory) when a trajectory is recorded
+            z = z[0]
+        return self.cond.decode(z, reference)[:, :, 1 : 1 + t]
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        videos = self.sample(batch, net=self.ema.shadow)
+        paths = []
+        for i, key in enumerate(batch["key"]):
+            frames = ((videos[i].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+            mix = (batch["audio_self"][i] + batch["audio_other"][i]).clamp(-1, 1).cpu().numpy()
+            paths.append(str(write_mp4(self.export_dir / "samples" / f"{key}.mp4", frames, audio=mix)))
+        return paths
+
+    # -- hand-over -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.export()
+
+    @rank_zero_only
+    def export(self) -> None:
+        extra = {"stage": "teacher", "step": int(self.global_step)}
+        save_model(self.ema.shadow, self.export_dir / "teacher.safetensors", arch="dit", extra=extra)
+        save_model(self.cond.audio, self.export_dir / "audio.safetensors", arch="audio", extra=extra)
+        rank_zero_info(f"exported {self.export_dir / 'teacher.safetensors'} (EMA) and audio.safetensors")
+
+
+def _first(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v[:1] if isinstance(v, Tensor) else v[:1]) for k, v in batch.items()}
