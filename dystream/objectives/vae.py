@@ -1,0 +1,120 @@
+"""VAE objective: L1 + LPIPS + KL, then a delayed hinge PatchGAN with LDM's adaptive weight.
+
+Follows the LDM ``LPIPSWithDiscriminator`` recipe (``notes/data_and_vae.md`` §3.8) without the
+learnable log-variance: ``L_G = w_l1 |x - x^| + w_p LPIPS(x, x^) + w_kl KL + f_d d_w L_adv``
+with ``d_w = disc_weight * ||grad_last(NLL)|| / (||grad_last(L_adv)|| + 1e-4)`` clamped to
+[0, 1e4], ``f_d = 0`` before ``disc_start``, ``L_adv = -E[D(x^)]`` and the hinge discriminator
+loss ``1/2 (E[relu(1 - D(x))] + E[relu(1 + D(x^))])``.
+
+Every term is a *mean*: L1 and LPIPS over pixels/frames, KL over latent elements. (LDM sums
+both over elements; its KL weight 1e-6 on sums corresponds to 1e-6 * latent/pixel counts here.)
+
+LPIPS needs ImageNet backbone weights, which are never downloaded: :func:`build_lpips` takes a
+torchvision ``vgg16``/``alexnet`` state dict path (read with ``weights_only=True``) and the
+``lpips`` package's own linear-head weights; without a path it returns ``None`` and the caller
+must say that it runs without the perceptual term.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "adaptive_gan_weight",
+    "build_lpips",
+    "generator_adversarial_loss",
+    "hinge_discriminator_loss",
+    "kl_loss",
+    "l1_loss",
+    "lpips_video",
+]
+
+
+def l1_loss(recon: Tensor, target: Tensor) -> Tensor:
+    return (recon - target).abs().mean()
+
+
+def kl_loss(mean: Tensor, logvar: Tensor) -> Tensor:
+    """Mean over latent elements of ``KL(N(mean, exp(logvar)) || N(0, 1))`` (Kingma & Welling, App. B)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+
+
+def hinge_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Hinge loss for D (Lim & Ye 2017; LDM ``hinge_d_loss``)."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def generator_adversarial_loss(logits_fake: Tensor) -> Tensor:
+    """Generator side of the hinge GAN: ``-E[D(x^)]``."""
+    return -logits_fake.mean()
+
+
+def adaptive_gan_weight(
+    nll: Tensor, adv: Tensor, last_layer: Tensor, disc_weight: float, max_weight: float = 1e4
+) -> Tensor:
+    """LDM's adaptive weight (Esser et al. 2021, eq. 7): balances gradient norms at the decoder's last layer."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    adv_grad = torch.autograd.grad(adv, last_layer, retain_graph=True)[0]
+    weight = nll_grad.norm() / (adv_grad.norm() + 1e-4)
+    return (weight.clamp(0.0, max_weight) * disc_weight).detach()
+
+
+def lpips_video(lpips: nn.Module, recon: Tensor, target: Tensor, frames: int | None = None) -> Tensor:
+    """Mean LPIPS over frames of ``[B, 3, T, H, W]`` videos in [-1, 1]; ``frames`` random frames per clip if set."""
+    b, c, t, h, w = target.shape
+    if frames is not None and frames < t:
+        idx = torch.randperm(t, device=target.device)[:frames]
+        recon, target, t = recon[:, :, idx], target[:, :, idx], frames
+    flat = lambda v: v.transpose(1, 2).reshape(b * t, c, h, w)  # noqa: E731
+    return lpips(flat(recon), flat(target)).mean()
+
+
+def build_lpips(net: str, backbone_path: str | os.PathLike | None) -> nn.Module | None:
+    """Frozen ``lpips.LPIPS`` with a torchvision backbone read from ``backbone_path``, or ``None`` without one.
+
+    ``backbone_path``: a torchvision ``vgg16`` (net="vgg") or ``alexnet`` (net="alex") state dict
+    (``.pth`` read with ``torch.load(weights_only=True)``, or ``.safetensors``), keys
+    ``features.N.weight`` as torchvision writes them (classifier keys are ignored).
+    """
+    if backbone_path is None:
+        return None
+    if net not in ("vgg", "alex"):
+        raise ValueError(f"build_lpips: net must be 'vgg' or 'alex', got {net!r}")
+    path = Path(backbone_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"LPIPS backbone weights not found: {path}. Provide a torchvision {'vgg16' if net == 'vgg' else 'alexnet'} "
+            "state dict (e.g. saved from torchvision.models with IMAGENET1K_V1 weights on a machine with network), "
+            "or leave lpips_backbone unset to train without the perceptual term."
+        )
+    import lpips as lpips_pkg
+
+    # pnet_rand=True: build the backbone without torchvision's download; its weights come from `path`.
+    model = lpips_pkg.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
+    if not features:
+        raise ValueError(f"LPIPS backbone {path}: no 'features.*' keys; expected a torchvision {net} state dict")
+    # lpips splits torchvision's `features` Sequential into slices that keep the original indices.
+    mapped = {}
+    for name, _ in model.net.named_parameters():
+        slice_name, index_and_param = name.split(".", 1)
+        if index_and_param not in features:
+            raise ValueError(f"LPIPS backbone {path}: missing key features.{index_and_param}")
+        mapped[name] = features[index_and_param]
+    model.net.load_state_dict(mapped, strict=True)
+    # The linear heads ship inside the lpips package.
+    head_path = Path(lpips_pkg.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
+    model.load_state_dict(torch.load(head_path, map_location="cpu", weights_only=True), strict=False)
+    model.eval().requires_grad_(False)
+    return model

@@ -1,0 +1,326 @@
+"""VAE stage: train the reference-guided causal VAE (paper 002) from scratch.
+
+What is reconstructed: the DiT's own latent layout (docs/architecture.md). From a batch with
+``video [B, 3, T, H, W]`` and ``references [B, R, 3, H, W]`` the stage builds the clip
+``cat([references[:, :1], video], dim=2)`` of ``1 + T`` frames (reference image first, encoded
+alone by the causal VAE, then the window), and guides it with K of the *other* references
+``references[:, 1:1 + K]``. Those frames come from outside the window, so the guidance never
+shows the model the frames it reconstructs (paper 002: the references carry appearance, the
+latent carries dynamics). K is drawn uniformly in ``[min_references, max_references]`` once per
+batch (capped at ``R - 1``), K = 0 included by default so that the VAE also works unguided.
+
+Objective (:mod:`dystream.objectives.vae`): L1 + LPIPS + KL, then from ``disc_start`` a 3-D
+PatchGAN with hinge loss and LDM's adaptive weight, with two optimizers in manual optimization.
+The discriminator step goes through the strategy (precision plugin and hooks included) but not
+through the LightningOptimizer wrapper, so ``trainer.global_step`` (``max_steps``, ``disc_start``,
+checkpoint names) counts training iterations rather than optimizer steps.
+
+Validation: PSNR, SSIM (torchmetrics) and LPIPS when available, with K references and with
+K = 0 (``val/psnr_k0``), a few reconstructions logged to TensorBoard as animated GIFs, and the
+per-channel statistics of the posterior mean, which become the VAE's latent normalisation
+(``latent_mean``/``latent_std`` buffers, so ``encode`` hands the DiT unit-scale latents). Every
+checkpoint also exports ``<export_dir>/vae.safetensors`` (:func:`dystream.zoo.files.save_model`),
+the file later stages load.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch import Tensor
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from dystream.models.vae import (
+    DiscriminatorConfig,
+    PatchDiscriminator3D,
+    ReferenceGuidedVAE,
+    VAEConfig,
+)
+from dystream.objectives.vae import (
+    adaptive_gan_weight,
+    build_lpips,
+    generator_adversarial_loss,
+    hinge_discriminator_loss,
+    kl_loss,
+    l1_loss,
+    lpips_video,
+)
+from dystream.zoo.files import save_model
+
+VAEPresetName = Literal["tiny", "ref-dc-f32t4c16"]
+DiscriminatorPresetName = Literal["tiny", "patchgan3d"]
+
+
+class VAEStage(L.LightningModule):
+    """Reference-guided causal VAE: L1 + LPIPS + KL, then a delayed 3-D PatchGAN (hinge, adaptive weight).
+
+    Args:
+        preset: VAE architecture preset (``dystream.models.vae.VAE_PRESETS``).
+        discriminator_preset: 3-D PatchGAN preset (``dystream.models.vae.DISCRIMINATOR_PRESETS``).
+        lr: Adam learning rate of the VAE.
+        disc_lr: Adam learning rate of the discriminator.
+        beta1: Adam beta1 of both optimizers (0.5 as in LDM/VQGAN, for the GAN phase).
+        beta2: Adam beta2 of both optimizers.
+        weight_decay: AdamW weight decay of the VAE.
+        l1_weight: weight of the mean absolute pixel error.
+        lpips_weight: weight of LPIPS (used only when ``lpips_backbone`` is given).
+        kl_weight: weight of the KL term, averaged over latent elements.
+        disc_weight: scale of LDM's adaptive GAN weight; 0 disables the discriminator.
+        disc_start: training step from which the adversarial terms are on (before it the
+            discriminator is neither used nor trained).
+        lpips_net: LPIPS backbone, ``vgg`` (LDM) or ``alex``.
+        lpips_backbone: path to a torchvision ``vgg16``/``alexnet`` state dict (``.pth`` read with
+            ``weights_only=True``, or ``.safetensors``). Without it the stage trains and validates
+            without the perceptual term and says so; it never uses a random backbone.
+        lpips_frames: random frames per clip that LPIPS sees in training (all frames if None).
+        min_references: fewest guidance references drawn per training batch.
+        max_references: most guidance references drawn per training batch (capped at R - 1).
+        val_references: guidance references in validation (default: ``max_references``, capped at R - 1).
+        sample_posterior: decode a posterior sample in training (else the mean).
+        grad_clip: gradient-norm clipping of both optimizers (0 = off).
+        num_val_videos: reconstructions logged to TensorBoard at each validation.
+        export_dir: where ``vae.safetensors`` is written at every checkpoint.
+    """
+
+    def __init__(
+        self,
+        preset: VAEPresetName = "tiny",
+        discriminator_preset: DiscriminatorPresetName = "tiny",
+        lr: PositiveFloat = 2e-4,
+        disc_lr: PositiveFloat = 2e-4,
+        beta1: NonNegativeFloat = 0.5,
+        beta2: NonNegativeFloat = 0.9,
+        weight_decay: NonNegativeFloat = 0.0,
+        l1_weight: NonNegativeFloat = 1.0,
+        lpips_weight: NonNegativeFloat = 0.1,
+        kl_weight: NonNegativeFloat = 1e-4,
+        disc_weight: NonNegativeFloat = 0.05,
+        disc_start: NonNegativeInt = 2000,
+        lpips_net: Literal["vgg", "alex"] = "vgg",
+        lpips_backbone: str | None = None,
+        lpips_frames: PositiveInt | None = 4,
+        min_references: NonNegativeInt = 0,
+        max_references: NonNegativeInt = 3,
+        val_references: NonNegativeInt | None = None,
+        sample_posterior: bool = True,
+        grad_clip: NonNegativeFloat = 1.0,
+        num_val_videos: NonNegativeInt = 2,
+        export_dir: str = "runs/vae",
+    ) -> None:
+        super().__init__()
+        if min_references > max_references:
+            raise ValueError(f"VAEStage: min_references ({min_references}) > max_references ({max_references})")
+        for name, value in (("beta1", beta1), ("beta2", beta2)):
+            if not value < 1.0:
+                raise ValueError(f"VAEStage.{name} must be in [0, 1), got {value}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # two optimizers: VAE and discriminator
+        self.vae = ReferenceGuidedVAE(VAEConfig.from_preset(preset))
+        self.disc = PatchDiscriminator3D(DiscriminatorConfig.from_preset(discriminator_preset)) if disc_weight else None
+        # LPIPS is a frozen loss network loaded from a file: kept out of the module tree so it is
+        # neither trained nor written into checkpoints (it is rebuilt from the path on load).
+        self._lpips = [build_lpips(lpips_net, lpips_backbone)]
+        if self._lpips[0] is None:
+            rank_zero_warn(
+                "VAEStage: no lpips_backbone given, training and validating WITHOUT the LPIPS perceptual term "
+                "(pass a torchvision vgg16/alexnet state dict path to enable it)"
+            )
+        self.export_dir = Path(export_dir)
+        self._stats: Tensor | None = None  # [3, z] sums of 1, x, x^2 of the posterior mean (validation)
+
+    # ------------------------------------------------------------------ batch -> clip, guidance
+    def clip_and_references(self, batch: dict[str, Any], k: int) -> tuple[Tensor, Tensor | None]:
+        """``(clip [B, 3, 1 + T, H, W], guidance [B, K, 3, H, W] or None)`` from a training batch."""
+        video, refs = batch.get("video"), batch.get("references")
+        if video is None or refs is None:
+            raise KeyError("VAEStage: the batch needs 'video' [B, 3, T, H, W] and 'references' [B, R, 3, H, W]")
+        if video.ndim != 5 or refs.ndim != 5 or refs.shape[1] < 1:
+            raise ValueError(
+                f"VAEStage: expected video [B, 3, T, H, W] and references [B, R>=1, 3, H, W], got "
+                f"{tuple(video.shape)} and {tuple(refs.shape)}"
+            )
+        if video.shape[2] % self.vae.config.temporal_factor:
+            raise ValueError(
+                f"VAEStage: window of {video.shape[2]} frames; it must be a multiple of "
+                f"{self.vae.config.temporal_factor} (set window_frames in the DataModule)"
+            )
+        clip = torch.cat([refs[:, 0, :, None], video], dim=2)
+        guidance = refs[:, 1 : 1 + k] if k > 0 else None
+        return clip, guidance
+
+    def _draw_k(self, available: int) -> int:
+        lo, hi = self.hparams.min_references, min(self.hparams.max_references, available)
+        if lo > hi:
+            raise ValueError(
+                f"VAEStage: min_references={lo} but the batch has only {available} references besides the "
+                f"reference image; raise num_references in the DataModule"
+            )
+        return int(torch.randint(lo, hi + 1, ()).item())
+
+    @property
+    def lpips(self) -> torch.nn.Module | None:
+        net = self._lpips[0]
+        if net is not None and next(net.parameters()).device != self.device:
+            net.to(self.device)
+        return net
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        optimizers = self.optimizers()
+        opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
+        k = self._draw_k(batch["references"].shape[1] - 1)
+        clip, guidance = self.clip_and_references(batch, k)
+        out = self.vae(clip, guidance, sample=hp.sample_posterior)
+
+        rec = l1_loss(out.recon, clip)
+        nll = hp.l1_weight * rec
+        logs = {"l1": rec.detach(), "references": torch.tensor(float(k))}
+        if self.lpips is not None and hp.lpips_weight > 0:
+            perceptual = lpips_video(self.lpips, out.recon, clip, frames=hp.lpips_frames)
+            nll = nll + hp.lpips_weight * perceptual
+            logs["lpips"] = perceptual.detach()
+        kl = kl_loss(out.mean, out.logvar)
+        loss = nll + hp.kl_weight * kl
+        logs["kl"] = kl.detach()
+
+        gan_on = self.disc is not None and self.global_step >= hp.disc_start
+        if gan_on:
+            self.disc.requires_grad_(False)  # the generator loss must not leave gradients in D
+            adv = generator_adversarial_loss(self.disc(out.recon))
+            d_w = adaptive_gan_weight(nll, adv, self.vae.last_layer, hp.disc_weight)
+            loss = loss + d_w * adv
+            self.disc.requires_grad_(True)
+            logs.update(gan_g=adv.detach(), d_weight=d_w)
+
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if hp.grad_clip > 0:
+            self.clip_gradients(opt_g, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        opt_g.step()  # the one step Lightning counts
+
+        if gan_on:
+            d_loss = hinge_discriminator_loss(self.disc(clip), self.disc(out.recon.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            if hp.grad_clip > 0:
+                self.clip_gradients(opt_d, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+            self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=_no_closure)
+            logs["gan_d"] = d_loss.detach()
+
+        b = clip.shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
+        self.log_dict({f"train/{name}": value for name, value in logs.items()}, batch_size=b)
+        return loss.detach()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        betas = (hp.beta1, hp.beta2)
+        opt_g = torch.optim.AdamW(self.vae.parameters(), lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
+        if self.disc is None:
+            return opt_g
+        return [opt_g, torch.optim.Adam(self.disc.parameters(), lr=hp.disc_lr, betas=betas)]
+
+    # ------------------------------------------------------------------ validation
+    def _val_k(self, available: int) -> int:
+        k = self.hparams.val_references
+        return min(self.hparams.max_references if k is None else k, available)
+
+    def on_validation_epoch_start(self) -> None:
+        self._stats = torch.zeros(3, self.vae.config.latent_channels, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        k = self._val_k(batch["references"].shape[1] - 1)
+        clip, guidance = self.clip_and_references(batch, k)
+        out = self.vae(clip, guidance, sample=False)
+        metrics = self.reconstruction_metrics(out.recon, clip)
+        if k > 0:
+            recon_k0 = self.vae(clip, None, sample=False).recon
+            metrics["psnr_k0"] = self.reconstruction_metrics(recon_k0, clip, lpips=False)["psnr"]
+        b = clip.shape[0]
+        self.log("val/psnr", metrics.pop("psnr"), prog_bar=True, batch_size=b, sync_dist=True)
+        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=b, sync_dist=True)
+        mean = out.mean.double().transpose(0, 1).flatten(1)  # [z, N]
+        self._stats += torch.stack([torch.full_like(mean[:, 0], mean.shape[1]), mean.sum(1), mean.pow(2).sum(1)])
+        if batch_idx == 0 and self.hparams.num_val_videos > 0:
+            self._log_videos(clip, out.recon)
+
+    def reconstruction_metrics(self, recon: Tensor, target: Tensor, lpips: bool = True) -> dict[str, Tensor]:
+        """PSNR (per clip, then averaged), SSIM (per frame) and LPIPS of videos in [-1, 1]."""
+        pred, real = (recon.clamp(-1, 1) + 1) / 2, (target + 1) / 2
+        frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # noqa: E731  [B, 3, T, H, W] -> [B*T, 3, H, W]
+        out = {
+            "psnr": peak_signal_noise_ratio(pred, real, data_range=1.0, reduction="none", dim=(1, 2, 3, 4)).mean(),
+            "ssim": structural_similarity_index_measure(frames(pred), frames(real), data_range=1.0),
+            "l1": (recon - target).abs().mean(),
+        }
+        if lpips and self.lpips is not None:
+            out["lpips"] = lpips_video(self.lpips, recon.clamp(-1, 1), target)
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or self._stats is None:
+            return
+        stats = self.trainer.strategy.reduce(self._stats, reduce_op="sum")
+        count, total, total_sq = stats
+        if float(count.min()) < 2:
+            return
+        mean = total / count
+        std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+        self.vae.set_latent_stats(mean.float(), std.float().clamp_min(1e-6))
+        self.log("val/latent_std_mean", std.mean().float(), sync_dist=False)
+
+    @rank_zero_only
+    def _log_videos(self, clip: Tensor, recon: Tensor) -> None:
+        writer = getattr(self.logger, "experiment", None)
+        if writer is None or not hasattr(writer, "add_image"):
+            return
+        n = min(self.hparams.num_val_videos, clip.shape[0])
+        side_by_side = torch.cat([clip[:n], recon[:n].clamp(-1, 1)], dim=-1)  # [n, 3, T, H, 2W]
+        frames = ((side_by_side + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu()  # [n, T, H, 2W, 3]
+        for i in range(n):
+            _add_gif(writer, f"val/reconstruction_{i}", frames[i], self.global_step)
+
+    # ------------------------------------------------------------------ hand-over
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.export()
+
+    @rank_zero_only
+    def export(self) -> Path:
+        """Write ``<export_dir>/vae.safetensors`` (weights, config and latent statistics)."""
+        calibrated = not (bool((self.vae.latent_mean == 0).all()) and bool((self.vae.latent_std == 1).all()))
+        if not calibrated:
+            rank_zero_warn("VAEStage: latent statistics not computed yet (no validation ran); exporting identity ones")
+        extra = {"stage": "vae", "step": int(self.global_step), "latent_stats_from_data": calibrated}
+        path = save_model(self.vae, self.export_dir / "vae.safetensors", arch="vae", extra=extra)
+        rank_zero_info(f"exported {path}")
+        return path
+
+
+def _no_closure() -> None:
+    return None
+
+
+def _add_gif(writer: Any, tag: str, frames: Tensor, step: int, fps: int = 25) -> None:
+    """Animated GIF image summary (what ``SummaryWriter.add_video`` writes, without needing moviepy)."""
+    from PIL import Image
+
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        file_writer = writer._get_file_writer()
+    except (ImportError, AttributeError):
+        writer.add_image(tag, frames[0].permute(2, 0, 1), step)  # not a torch SummaryWriter: first frame only
+        return
+    images = [Image.fromarray(f.numpy()) for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    t, h, w, c = frames.shape
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buffer.getvalue())
+    file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)

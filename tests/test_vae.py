@@ -1,0 +1,267 @@
+"""ReferenceGuidedVAE: causality, streaming parity, shapes, reference handling, residual shortcuts, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dystream.models.vae import (
+    DISCRIMINATOR_PRESETS,
+    VAE_PRESETS,
+    DiscriminatorConfig,
+    PatchDiscriminator3D,
+    ReferenceGuidedVAE,
+    VAEConfig,
+)
+
+H = W = 32  # tiny preset: 32x32 frames -> 4x4 latents (keeps every test fast)
+
+
+def _vae(**overrides) -> ReferenceGuidedVAE:
+    vae = ReferenceGuidedVAE(VAEConfig.from_preset("tiny", **overrides)).eval()
+    # The reference attention output is zero-initialised; give it weights so guidance has an effect.
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if "to_out" in name or "null_kv" in name:
+                p.normal_(0, 0.05)
+    return vae
+
+
+def _video(b: int = 2, frames: int = 13) -> torch.Tensor:
+    return torch.rand(b, 3, frames, H, W) * 2 - 1
+
+
+def _refs(b: int = 2, k: int = 2) -> torch.Tensor:
+    return torch.rand(b, k, 3, H, W) * 2 - 1
+
+
+def _latent_index(frame: int, r_t: int = 4) -> int:
+    return 0 if frame == 0 else (frame - 1) // r_t + 1
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("preset", sorted(VAE_PRESETS))
+def test_shapes_and_compression_ratio(preset):
+    cfg = VAEConfig.from_preset(preset)
+    assert cfg.temporal_factor == 4
+    expected = {"tiny": (8, 48.0), "ref-dc-f32t4c16": (32, 768.0)}[preset]
+    assert (cfg.spatial_factor, cfg.compression_ratio) == expected
+    size = 64 if preset == "tiny" else 512
+    device = "cpu" if preset == "tiny" else "meta"  # paper scale: shape inference without memory or compute
+    with torch.device(device), torch.no_grad():
+        vae = ReferenceGuidedVAE(cfg)
+        video = torch.zeros(1, 3, 9, size, size)
+        refs = torch.zeros(1, 2, 3, size, size)
+        z = vae.encode(video, refs)
+        assert tuple(z.shape) == (1, *cfg.latent_shape(9, size, size))
+        assert tuple(z.shape) == (1, 16, 3, size // cfg.spatial_factor, size // cfg.spatial_factor)
+        # The 4k frames after the first one map to k latent frames at the nominal ratio.
+        ratio = video[:, :, 1:].numel() / z[:, :, 1:].numel()
+        assert ratio == pytest.approx(cfg.compression_ratio)
+        assert vae.decode(z, refs).shape == video.shape
+
+
+def test_contract_reference_then_window():
+    """docs/architecture.md: cat([reference, video]) of 1 + T frames -> 1 + T/4 latent frames."""
+    vae = _vae()
+    reference, window = _video(1, 1), _video(1, 8)
+    with torch.no_grad():
+        z = vae.encode(torch.cat([reference, window], dim=2))
+        z_ref = vae.encode(reference)
+    assert z.shape[2] == 1 + 8 // 4
+    torch.testing.assert_close(z[:, :, :1], z_ref, rtol=0, atol=1e-6)  # latent frame 0 = reference alone
+
+
+# ----------------------------------------------------------------------------- causality
+
+
+@pytest.mark.parametrize("changed", [1, 5, 8])
+def test_encode_is_causal(changed):
+    vae, refs = _vae(), _refs()
+    x = _video()
+    y = x.clone()
+    y[:, :, changed:] = torch.rand_like(y[:, :, changed:])
+    with torch.no_grad():
+        zx, zy = vae.encode(x, refs), vae.encode(y, refs)
+    first = _latent_index(changed)
+    torch.testing.assert_close(zx[:, :, :first], zy[:, :, :first], rtol=0, atol=1e-6)
+    assert (zx[:, :, first] - zy[:, :, first]).abs().max() > 1e-4  # the change does reach its own latent frame
+
+
+@pytest.mark.parametrize("changed", [1, 2])
+def test_decode_is_causal(changed):
+    vae, refs = _vae(), _refs()
+    z = torch.randn(2, 16, 4, H // 8, W // 8)
+    z2 = z.clone()
+    z2[:, :, changed:] = torch.randn_like(z2[:, :, changed:])
+    with torch.no_grad():
+        vx, vy = vae.decode(z, refs), vae.decode(z2, refs)
+    last_unchanged = 1 + 4 * (changed - 1)  # frames decoded from latent frames < changed
+    torch.testing.assert_close(vx[:, :, :last_unchanged], vy[:, :, :last_unchanged], rtol=0, atol=1e-6)
+    assert (vx[:, :, last_unchanged:] - vy[:, :, last_unchanged:]).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- streaming parity
+
+
+@pytest.mark.parametrize("chunks", [[1, 4, 4, 4], [5, 8], [1, 12], [13]])
+def test_chunked_encode_equals_one_shot(chunks):
+    vae, refs = _vae(), _refs()
+    x = _video(frames=sum(chunks))
+    with torch.no_grad():
+        full = vae.encode(x, refs)
+        cache = vae.new_encode_cache(refs)
+        parts, start = [], 0
+        for n in chunks:
+            parts.append(vae.encode_chunk(x[:, :, start : start + n], cache))
+            start += n
+    streamed = torch.cat(parts, dim=2)
+    assert streamed.shape == full.shape
+    assert (streamed - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("chunks", [[1, 1, 1, 1], [2, 2], [1, 3]])
+def test_chunked_decode_equals_one_shot(chunks):
+    vae, refs = _vae(), _refs()
+    z = torch.randn(2, 16, sum(chunks), H // 8, W // 8)
+    with torch.no_grad():
+        full = vae.decode(z, refs)
+        cache = vae.new_decode_cache(refs)
+        parts, start = [], 0
+        for n in chunks:
+            out = vae.decode_chunk(z[:, :, start : start + n], cache)
+            assert out.shape[2] == (1 + 4 * (n - 1) if start == 0 else 4 * n)
+            parts.append(out)
+            start += n
+    streamed = torch.cat(parts, dim=2)
+    assert streamed.shape == full.shape == (2, 3, 1 + 4 * (sum(chunks) - 1), H, W)
+    assert (streamed - full).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_variable_number_of_references(k):
+    vae = _vae()
+    x = _video()
+    refs = _refs(k=k)
+    with torch.no_grad():
+        z = vae.encode(x, refs)
+        recon = vae.decode(z, refs)
+        z_none = vae.encode(x, None)
+    assert z.shape == (2, 16, 4, H // 8, W // 8) and recon.shape == x.shape
+    assert torch.isfinite(recon).all()
+    if k == 0:
+        torch.testing.assert_close(z, z_none, rtol=0, atol=0)  # [B, 0, ...] is the same as no references
+    else:
+        assert (z - z_none).abs().max() > 1e-4  # guidance changes the latents
+
+
+def test_reference_mask_equals_dropping_the_reference():
+    vae = _vae()
+    x, refs = _video(), _refs(k=3)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    with torch.no_grad():
+        masked = vae.encode(x, refs, mask)
+        sample0 = vae.encode(x[:1], refs[:1, [0, 2]])
+        sample1 = vae.encode(x[1:], None)
+    torch.testing.assert_close(masked[:1], sample0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(masked[1:], sample1, rtol=0, atol=1e-5)  # all masked == K = 0, no NaN
+
+
+def test_gradients_reach_reference_encoder_and_not_beyond_inputs():
+    vae = _vae().train()
+    x, refs = _video(), _refs(k=2).requires_grad_(True)
+    out = vae(x, refs)
+    out.recon.abs().mean().backward()
+    assert refs.grad is not None and refs.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in vae.reference_encoder.parameters())
+    assert vae.latent_mean.grad is None  # buffers are not trained
+
+
+# ----------------------------------------------------------------------------- residual shortcuts
+
+
+@pytest.mark.parametrize("value", [-0.5, 0.25, 0.7])
+def test_shortcut_only_reconstructs_constant_video_exactly(value):
+    vae = ReferenceGuidedVAE(VAEConfig.from_preset("tiny")).eval()
+    with torch.no_grad():
+        for module in vae.modules():  # zero every learned branch; only the non-parametric shortcuts remain
+            if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+                module.weight.zero_()
+                module.bias.zero_()
+        for name, p in vae.named_parameters():
+            if "null_kv" in name:
+                p.zero_()
+    video = torch.full((2, 3, 9, H, W), value)
+    with torch.no_grad():
+        z = vae.encode(video, _refs(k=2))
+        recon = vae.decode(z, _refs(k=2))
+    torch.testing.assert_close(z, torch.full_like(z, value), rtol=0, atol=1e-6)
+    torch.testing.assert_close(recon, video, rtol=0, atol=1e-6)
+    if value in (-0.5, 0.25):  # dyadic values: every average is exact in binary floating point
+        assert torch.equal(recon, video)
+
+
+def test_latent_normalisation_round_trip():
+    vae, refs = _vae(), _refs()
+    x = _video(frames=5)
+    with torch.no_grad():
+        raw, _ = vae.encode_posterior(x, refs)
+        recon_identity = vae.decode(vae.encode(x, refs), refs)
+        vae.set_latent_stats(torch.linspace(-1, 1, 16), torch.linspace(0.5, 2, 16))
+        z = vae.encode(x, refs)
+        recon = vae.decode(z, refs)
+    torch.testing.assert_close(z, (raw - vae.latent_mean.view(1, -1, 1, 1, 1)) / vae.latent_std.view(1, -1, 1, 1, 1))
+    torch.testing.assert_close(recon, recon_identity, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="std > 0"):
+        vae.set_latent_stats(torch.zeros(16), torch.zeros(16))
+
+
+def test_discriminator_presets():
+    d = PatchDiscriminator3D(DiscriminatorConfig.from_preset("tiny"))
+    logits = d(torch.randn(2, 3, 9, 64, 64))
+    assert logits.shape[:2] == (2, 1) and logits.ndim == 5
+    assert set(DISCRIMINATOR_PRESETS) >= {"tiny", "patchgan3d"}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_clearly():
+    vae = _vae()
+    with pytest.raises(ValueError, match="1 \\+ 4k frames"):
+        vae.encode(_video(frames=8))
+    with pytest.raises(ValueError, match="\\[B, 3, T, H, W\\]"):
+        vae.encode(torch.zeros(1, 4, 5, H, W))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        vae.encode(torch.zeros(1, 3, 5, 30, 32))
+    with pytest.raises(ValueError, match="references must be"):
+        vae.encode(_video(), torch.zeros(2, 1, 1, H, W))
+    with pytest.raises(ValueError, match="reference_mask"):
+        vae.encode(_video(), _refs(k=2), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="latents must be"):
+        vae.decode(torch.zeros(1, 8, 2, 4, 4))
+    cache = vae.new_encode_cache()
+    vae.encode_chunk(_video(frames=1), cache)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        vae.encode_chunk(_video(frames=3), cache)
+    with pytest.raises(ValueError, match="new_encode_cache"):
+        vae.decode_chunk(torch.zeros(2, 16, 1, 4, 4), cache)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="temporal_down"):
+        VAEConfig(temporal_down=(True,))
+    with pytest.raises(ValueError, match="latent_channels"):
+        VAEConfig(latent_channels=7)
+    with pytest.raises(ValueError, match="widths"):
+        VAEConfig(widths=(24, 40, 96))
+    with pytest.raises(ValueError, match="attn_levels"):
+        VAEConfig(attn_levels=(5,))
+    with pytest.raises(KeyError, match="unknown VAE preset"):
+        VAEConfig.from_preset("huge")

@@ -1,0 +1,166 @@
+"""VAEStage: training on a fixed batch lowers the loss, the GAN phase, validation statistics, export, LPIPS."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dystream.objectives.vae import build_lpips, hinge_discriminator_loss, kl_loss
+from dystream.stages.vae import VAEStage
+from dystream.zoo.files import load_model
+
+
+def _batch(b: int = 2, t: int = 4, r: int = 3, size: int = 16) -> dict:
+    g = torch.Generator().manual_seed(0)
+    # Smooth, structured frames (a moving gradient), so a few steps can really fit them.
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    frames = []
+    for i in range(t + r):
+        phase = 0.3 * i
+        frames.append(torch.stack([torch.sin(3 * xs + phase), torch.cos(2 * ys - phase), xs * ys]))
+    frames = torch.stack(frames, dim=1)  # [3, t + r, H, W]
+    video = frames[:, r:].expand(b, -1, -1, -1, -1) * (0.5 + 0.5 * torch.rand(b, 1, 1, 1, 1, generator=g))
+    refs = frames[:, :r].transpose(0, 1).expand(b, -1, -1, -1, -1).clone()
+    return {"video": video.contiguous(), "references": refs, "key": [f"clip{i}" for i in range(b)]}
+
+
+class _Repeat(Dataset):
+    def __init__(self, batch: dict, n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batch
+
+
+def _loader(batch: dict, n: int) -> DataLoader:
+    return DataLoader(_Repeat(batch, n), batch_size=None)
+
+
+class _Record(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.l1: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+        self.l1.append(float(trainer.callback_metrics["train/l1"]))
+
+
+def _trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
+    defaults = dict(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path):
+    stage = VAEStage(lr=1e-3, disc_weight=0.0, max_references=2, sample_posterior=False, export_dir=str(tmp_path))
+    record = _Record()
+    trainer = _trainer(tmp_path, 16, callbacks=[record])
+    trainer.fit(stage, _loader(_batch(), 16))
+    assert trainer.global_step == 16
+    assert all(torch.isfinite(torch.tensor(record.losses)))
+    first, last = record.l1[0], sum(record.l1[-3:]) / 3
+    assert last < 0.7 * first, record.l1
+
+
+def test_gan_phase_trains_discriminator_and_counts_iterations(tmp_path):
+    stage = VAEStage(disc_weight=0.05, disc_start=2, max_references=1, export_dir=str(tmp_path))
+    d_before = [p.detach().clone() for p in stage.disc.parameters()]
+    trainer = _trainer(tmp_path, 4)
+    trainer.fit(stage, _loader(_batch(), 4))
+    # Two optimizers step per iteration, but global_step (max_steps, disc_start) counts iterations.
+    assert trainer.global_step == 4
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, stage.disc.parameters(), strict=True))
+    assert {"train/gan_d", "train/gan_g", "train/d_weight"} <= set(trainer.callback_metrics)
+    assert torch.isfinite(trainer.callback_metrics["train/d_weight"])
+
+
+def test_discriminator_untouched_before_disc_start(tmp_path):
+    stage = VAEStage(disc_weight=0.05, disc_start=100, export_dir=str(tmp_path))
+    d_before = [p.detach().clone() for p in stage.disc.parameters()]
+    _trainer(tmp_path, 2).fit(stage, _loader(_batch(), 2))
+    assert all(torch.equal(a, b) for a, b in zip(d_before, stage.disc.parameters(), strict=True))
+
+
+def test_validation_sets_latent_statistics_and_exports(tmp_path):
+    batch = _batch()
+    stage = VAEStage(disc_weight=0.0, max_references=2, export_dir=str(tmp_path / "export"))
+    trainer = _trainer(tmp_path, 2, limit_val_batches=1, val_check_interval=2)
+    trainer.fit(stage, _loader(batch, 2), _loader(batch, 1))
+    metrics = trainer.callback_metrics
+    assert {"val/psnr", "val/ssim", "val/l1", "val/psnr_k0"} <= set(metrics)
+    assert float(metrics["val/psnr"]) > 0
+    # The statistics come from the validation batch: its normalised posterior mean has unit scale.
+    stage.eval()
+    with torch.no_grad():
+        clip, guidance = stage.clip_and_references(batch, 2)
+        z = stage.vae.encode(clip, guidance)
+    per_channel = z.transpose(0, 1).flatten(1)
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(16), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_channel.std(1, unbiased=False), torch.ones(16), atol=1e-3, rtol=0)
+    # Export: a self-describing file that rebuilds the same VAE, statistics included.
+    path = stage.export()
+    vae = load_model(path, arch="vae")
+    assert torch.equal(vae.latent_std, stage.vae.latent_std)
+    assert vae.file_extra["latent_stats_from_data"] is True
+
+
+def test_bad_batches_raise_clearly(tmp_path):
+    stage = VAEStage(min_references=2, max_references=3, export_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        stage.clip_and_references(_batch(t=6), 0)
+    with pytest.raises(KeyError, match="references"):
+        stage.clip_and_references({"video": torch.zeros(1, 3, 4, 16, 16)}, 0)
+    with pytest.raises(ValueError, match="num_references"):
+        stage._draw_k(1)
+    with pytest.raises(ValueError, match="min_references"):
+        VAEStage(min_references=3, max_references=1)
+
+
+def test_lpips_needs_a_backbone_file(tmp_path):
+    assert build_lpips("vgg", None) is None
+    with pytest.warns(UserWarning, match="WITHOUT the LPIPS"):
+        VAEStage(export_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="torchvision vgg16"):
+        build_lpips("vgg", tmp_path / "missing.pth")
+
+
+def test_lpips_from_a_torchvision_state_dict(tmp_path):
+    import torchvision
+
+    features = torchvision.models.alexnet(weights=None).features
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "alex.pth")
+    net = build_lpips("alex", tmp_path / "alex.pth")
+    assert torch.equal(net.net.slice1[0].weight, features[0].weight)  # the backbone came from the file
+    assert not any(p.requires_grad for p in net.parameters())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert net(x, x).abs().max() < 1e-6 and net(x, -x).mean() > 0
+    stage = VAEStage(
+        lpips_net="alex", lpips_backbone=str(tmp_path / "alex.pth"), disc_weight=0.0, export_dir=str(tmp_path)
+    )
+    assert not any(k.startswith("_lpips") or "lin0" in k for k in stage.state_dict())  # not checkpointed
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(stage, _loader(_batch(size=32), 1))  # AlexNet's pooling needs frames of at least 32 pixels
+    assert "train/lpips" in trainer.callback_metrics
+
+
+def test_objective_terms():
+    assert kl_loss(torch.zeros(4), torch.zeros(4)) == 0
+    assert kl_loss(torch.ones(4), torch.zeros(4)) == pytest.approx(0.5)
+    real, fake = torch.full((3,), 2.0), torch.full((3,), -2.0)
+    assert hinge_discriminator_loss(real, fake) == 0  # both beyond the margin
+    assert hinge_discriminator_loss(torch.zeros(3), torch.zeros(3)) == pytest.approx(1.0)
