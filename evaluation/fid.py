@@ -80,7 +80,7 @@ class FIDExtractor:
         return stats
 
 
-def fid(real: FeatureStats | np.ndarray, fake: FeatureStats | np.ndarray, method: str = "auto") -> float:
+def fid(real: FeatureStats | np.ndarray, fake: FeatureStats | np.ndarray, method: str = "auto", ddof: int = 1) -> float:
     """FID between two feature sets (statistics or raw features); see `frechet_distance` for `method`.
 
     Refuses statistics that record different extractors, resizes or weight hashes.
@@ -90,4 +90,4 @@ def fid(real: FeatureStats | np.ndarray, fake: FeatureStats | np.ndarray, method
         diff = {k: (real.meta.get(k), fake.meta.get(k)) for k in keys if real.meta.get(k) != fake.meta.get(k)}
         if diff:
             raise ValueError(f"fid: real and generated statistics differ in protocol: {diff}")
-    return frechet_distance(real, fake, method=method)
+    return frechet_distance(real, fake, method=method, ddof=ddof)

@@ -161,11 +161,14 @@ def fvd_stats(
     return stats
 
 
-def fvd(real: FeatureStats | np.ndarray, fake: FeatureStats | np.ndarray, method: str = "auto") -> float:
-    """FVD between two I3D feature sets; refuses statistics made with different clip protocols or weights."""
+def fvd(real: FeatureStats | np.ndarray, fake: FeatureStats | np.ndarray, method: str = "auto", ddof: int = 1) -> float:
+    """FVD between two I3D feature sets; refuses statistics made with different clip protocols or weights.
+
+    ddof=1 (np.cov) by default; StyleGAN-V normalises its covariances by 1/n: pass ddof=0 to reproduce its numbers.
+    """
     if isinstance(real, FeatureStats) and isinstance(fake, FeatureStats):
         keys = ("extractor", "clip_len", "stride", "sha256")
         diff = {k: (real.meta.get(k), fake.meta.get(k)) for k in keys if real.meta.get(k) != fake.meta.get(k)}
         if diff:
             raise ValueError(f"fvd: real and generated statistics differ in protocol: {diff}")
-    return frechet_distance(real, fake, method=method)
+    return frechet_distance(real, fake, method=method, ddof=ddof)
