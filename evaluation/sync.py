@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from scipy.signal import medfilt
 
-from dystream.evaluation.keypoints import mask_runs
+from dystream.evaluation.keypoints import PoseBackend, mask_runs
 from dystream.evaluation.mfcc import mfcc
 from dystream.evaluation.networks.syncnet import SyncNetV2, load_syncnet
 from dystream.evaluation.weights import WeightsInfo
@@ -41,6 +41,7 @@ from dystream.evaluation.weights import WeightsInfo
 __all__ = [
     "BoxSource",
     "KeypointFaceBoxes",
+    "PoseFaceBoxes",
     "SyncNetScorer",
     "SyncResult",
     "SyncScores",
@@ -139,6 +140,20 @@ class KeypointFaceBoxes:
         b = face_boxes_from_keypoints(self.kpts, self.face_indices, self.tau)
         c, half = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 2 * self.scale
         return np.concatenate([c - half, c + half], axis=1)
+
+
+@dataclass
+class PoseFaceBoxes:
+    """BoxSource from a pose backend whose weights are provided (e.g. `DWPoseBackend`): its face keypoints -> boxes."""
+
+    backend: PoseBackend
+    face_group: str = "face"
+    tau: float = 0.3
+    scale: float = 1.0
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        kpts = self.backend(frames)
+        return KeypointFaceBoxes(kpts, self.backend.layout.indices(self.face_group), self.tau, self.scale)(frames)
 
 
 def _fill_missing(boxes: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from dystream.evaluation.mfcc import fbank, mel_filterbank, mfcc, num_mfcc_frame
 from dystream.evaluation.networks.syncnet import SyncNetConfig, SyncNetV2, load_syncnet
 from dystream.evaluation.sync import (
     KeypointFaceBoxes,
+    PoseFaceBoxes,
     SyncNetScorer,
     SyncScores,
     crop_faces,
@@ -272,6 +273,20 @@ def test_face_boxes_from_keypoints_filter_confidence():
     assert boxes[0, 0] > 50 and np.isnan(boxes[2]).all()
     scaled = KeypointFaceBoxes(k, face, scale=2.0)(np.zeros((3, 8, 8, 3), dtype=np.uint8))
     np.testing.assert_allclose(scaled[1], [30, 0, 110, 80])
+
+
+def test_pose_backend_as_box_source():
+    class FakePose:  # any PoseBackend works, e.g. DWPoseBackend with its ONNX files
+        layout = COCO_WHOLEBODY_133
+
+        def __call__(self, frames):
+            k = np.zeros((len(frames), 133, 3), dtype=np.float32)
+            k[:, 23:91] = [30.0, 40.0, 0.9]
+            k[:, 23] = [10.0, 20.0, 0.9]
+            return k
+
+    boxes = PoseFaceBoxes(FakePose())(np.zeros((4, 64, 64, 3), dtype=np.uint8))
+    np.testing.assert_allclose(boxes, np.tile([10.0, 20.0, 30.0, 40.0], (4, 1)))
 
 
 def test_speaking_segments():
