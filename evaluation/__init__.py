@@ -13,12 +13,20 @@ Metric networks load only from explicit files; a missing or wrong file raises `M
 
 from dystream.evaluation.frechet import FeatureStats, frechet_distance, frechet_distance_from_stats
 from dystream.evaluation.identity import identity_drift
-from dystream.evaluation.keypoints import COCO_WHOLEBODY_133, KeypointLayout, hkc, hkv, listening_variances
+from dystream.evaluation.keypoints import (
+    COCO_WHOLEBODY_133,
+    DWPOSE_134,
+    KeypointLayout,
+    hkc,
+    hkv,
+    listening_variances,
+)
 from dystream.evaluation.sync import sync_scores
 from dystream.evaluation.weights import MetricDependencyMissing, MetricUnavailable, MetricWeightsMissing
 
 __all__ = [
     "COCO_WHOLEBODY_133",
+    "DWPOSE_134",
     "FeatureStats",
     "KeypointLayout",
     "MetricDependencyMissing",

@@ -21,8 +21,10 @@ convention); keypoints with fewer than 2 confident frames are dropped (G' is wha
 Higher is livelier; a frozen video scores 0, jitter inflates the value, so compare with the ground-truth value too.
 
 Layouts: the metrics take index groups from a `KeypointLayout`; `COCO_WHOLEBODY_133` is DWPose's raw output (body
-0-16, feet 17-22, face 23-90, left hand 91-111, right hand 112-132). Other layouts (the synthetic world's, mediapipe)
-supply their own groups; numbers are only comparable within one layout and pose backend.
+0-16, feet 17-22, face 23-90, left hand 91-111, right hand 112-132); `DWPOSE_134` is the shards' layout (DWPose's
+output with a neck and OpenPose body order, `coco133_to_dwpose134`). Other layouts (mediapipe, ...) supply their own
+groups; numbers are only comparable within one layout and pose backend (LBKV's body group has the neck in DWPOSE_134
+and not in COCO_WHOLEBODY_133).
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ import numpy as np
 
 __all__ = [
     "COCO_WHOLEBODY_133",
+    "DWPOSE_134",
+    "LAYOUTS",
     "KeypointLayout",
     "ListeningVarianceConfig",
     "PoseBackend",
+    "coco133_to_dwpose134",
     "hkc",
     "hkv",
     "keypoint_variance",
@@ -86,6 +91,44 @@ COCO_WHOLEBODY_133 = KeypointLayout(
         "hands": _r(91, 132),
     },
 )
+
+
+# The layout of the shards' KEY.kpts.npy (dystream.datamodules.keypoints): DWPose's output after it inserts a neck
+# and re-orders the body to OpenPose-18 (EchoMimicV2 `dwpose_detector.py`); everything after the body shifts by one.
+DWPOSE_134 = KeypointLayout(
+    name="dwpose134",
+    num_keypoints=134,
+    groups={
+        "body": _r(0, 17),
+        "body_no_eyes_ears": _r(0, 13),  # OpenPose 14-17 are eyes and ears
+        "feet": _r(18, 23),
+        "face": _r(24, 91),
+        "left_hand": _r(92, 112),
+        "right_hand": _r(113, 133),
+        "hands": _r(92, 133),
+    },
+)
+
+LAYOUTS: dict[str, KeypointLayout] = {layout.name: layout for layout in (COCO_WHOLEBODY_133, DWPOSE_134)}
+
+# DWPose's body re-ordering after the neck is inserted at 17: new[OPENPOSE_IDX] = new[MMPOSE_IDX]
+_MMPOSE_IDX = (17, 6, 8, 10, 7, 9, 12, 14, 16, 13, 15, 2, 1, 4, 3)
+_OPENPOSE_IDX = (1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17)
+
+
+def coco133_to_dwpose134(kpts: np.ndarray, tau: float = 0.3) -> np.ndarray:
+    """COCO-WholeBody [..., 133, 3] -> DWPose / OpenPose order [..., 134, 3], as DWPose does it.
+
+    The neck is the mean of the two shoulders; its confidence is 1 if both shoulders are above `tau`, else 0.
+    """
+    k = np.asarray(kpts)
+    if k.shape[-2:] != (133, 3):
+        raise ValueError(f"coco133_to_dwpose134: expected [..., 133, 3], got shape {k.shape}")
+    neck = k[..., [5, 6], :].mean(axis=-2)
+    neck[..., 2] = ((k[..., 5, 2] > tau) & (k[..., 6, 2] > tau)).astype(k.dtype)
+    out = np.insert(k, 17, neck, axis=-2)
+    out[..., list(_OPENPOSE_IDX), :] = out[..., list(_MMPOSE_IDX), :]
+    return out
 
 
 @runtime_checkable

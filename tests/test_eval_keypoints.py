@@ -9,9 +9,11 @@ import pytest
 
 from dystream.evaluation.keypoints import (
     COCO_WHOLEBODY_133,
+    DWPOSE_134,
     KeypointLayout,
     ListeningVarianceConfig,
     PoseBackend,
+    coco133_to_dwpose134,
     hkc,
     hkv,
     keypoint_variance,
@@ -118,6 +120,31 @@ def test_other_layouts_and_errors():
         listening_variances(k, np.zeros(29), tiny, 512, ListeningVarianceConfig(body_group="body"))
 
 
+COCO_BODY = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+             "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+             "right_knee", "left_ankle", "right_ankle")  # fmt: skip
+
+
+def test_dwpose134_layout_matches_the_shard_format():
+    shard = pytest.importorskip("dystream.datamodules.keypoints")
+    assert DWPOSE_134.num_keypoints == shard.NUM_KEYPOINTS and DWPOSE_134.name == shard.LAYOUT_NAME
+    for group, sl in shard.GROUPS.items():
+        assert DWPOSE_134.indices(group) == tuple(range(sl.start, sl.stop))
+    assert [shard.NAMES[i] for i in DWPOSE_134.indices("body_no_eyes_ears")] == list(shard.BODY_NAMES[:14])
+
+    coco = np.zeros((2, 133, 3))
+    coco[..., 0] = np.arange(133)  # x = COCO index
+    coco[..., 2] = 0.9
+    coco[1, 6, 2] = 0.1  # right shoulder not confident in frame 1
+    out = coco133_to_dwpose134(coco)
+    assert out.shape == (2, 134, 3)
+    for coco_index, name in enumerate(COCO_BODY):
+        assert out[0, shard.index(name), 0] == coco_index, name
+    neck = shard.index("neck")
+    assert out[0, neck, 0] == 5.5 and out[0, neck, 2] == 1.0 and out[1, neck, 2] == 0.0
+    np.testing.assert_array_equal(out[:, 18:], coco[:, 17:])  # feet, face, hands shift by one
+
+
 def test_mean_over_videos_skips_nan():
     rows = [{"LHKV": 1.0, "LFKV": float("nan")}, {"LHKV": 3.0, "LFKV": 2.0}, {"LFKV": 4.0}]
     out = mean_over_videos(rows, ["LHKV", "LFKV"])
@@ -185,6 +212,10 @@ def test_dwpose_backend_with_fake_sessions(tmp_path):
     assert x.shape == (3, 384, 288)
     np.testing.assert_allclose(x[:, 192, 144] * [58.395, 57.12, 57.375] + [123.675, 116.28, 103.53],
                                frame[240, 320], atol=1e-3)  # fmt: skip
+    # the shards' layout on request
+    backend134 = DWPoseBackend(det, pose, session_factory=lambda p: sessions[p], output_layout="dwpose134")
+    assert backend134.layout is DWPOSE_134
+    np.testing.assert_allclose(backend134(frame[None]), coco133_to_dwpose134(kpts))
 
 
 def test_decode_simcc_maps_model_pixels_to_frame_pixels():

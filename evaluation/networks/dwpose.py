@@ -15,7 +15,8 @@ HF yzd-v/DWPose. The pipeline, per frame (RGB uint8, as EchoMimicV2 feeds decode
    ratio) -> input pixels -> frame pixels; confidence = min of the two axis maxima (raw, may exceed 1; DWPose's
    visibility threshold is 0.3); a non-positive confidence marks the point as missing (-1).
 
-The output keeps the COCO-WholeBody order (no OpenPose re-ordering, no inserted neck): `COCO_WHOLEBODY_133`.
+The output is in COCO-WholeBody order (`COCO_WHOLEBODY_133`) by default, or, with output_layout="dwpose134", in
+DWPose's final order with the inserted neck (`DWPOSE_134`, the layout of the shards' ground-truth keypoints).
 Resizing and warping use torch bilinear sampling, not OpenCV, so coordinates differ from DWPose's by sub-pixel
 amounts; numbers are labelled with this backend. onnxruntime is imported lazily; if it is missing,
 `MetricDependencyMissing` says so.
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dystream.evaluation.keypoints import COCO_WHOLEBODY_133, KeypointLayout
+from dystream.evaluation.keypoints import LAYOUTS, KeypointLayout, coco133_to_dwpose134
 from dystream.evaluation.weights import MetricDependencyMissing, WeightsInfo, require_weights
 
 __all__ = ["DWPoseBackend", "decode_simcc", "decode_yolox", "letterbox", "nms", "warp_box"]
@@ -146,13 +147,11 @@ def decode_simcc(
 
 
 class DWPoseBackend:
-    """PoseBackend with DWPose's ONNX files: uint8 RGB frames [T, H, W, 3] -> float32 [T, 133, 3].
+    """PoseBackend with DWPose's ONNX files: uint8 RGB frames [T, H, W, 3] -> float32 [T, 133 or 134, 3].
 
     `session_factory(path) -> session` (an onnxruntime.InferenceSession-like object with get_inputs() and run())
     exists for tests; by default onnxruntime is imported here and a CPU (or given providers) session is created.
     """
-
-    layout: KeypointLayout = COCO_WHOLEBODY_133
 
     def __init__(
         self,
@@ -160,7 +159,11 @@ class DWPoseBackend:
         pose_path: str | os.PathLike | None,
         providers: Sequence[str] | None = None,
         session_factory: Callable[[str], Any] | None = None,
+        output_layout: str = "coco_wholebody_133",
     ):
+        if output_layout not in LAYOUTS:
+            raise ValueError(f"DWPoseBackend: output_layout must be one of {sorted(LAYOUTS)}, got {output_layout!r}")
+        self.layout: KeypointLayout = LAYOUTS[output_layout]
         self.det_info: WeightsInfo = require_weights("dwpose_det", det_path)
         self.pose_info: WeightsInfo = require_weights("dwpose_pose", pose_path)
         if session_factory is None:
@@ -198,4 +201,7 @@ class DWPoseBackend:
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"DWPoseBackend expects uint8 RGB frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
-        return np.stack([self.keypoints(f) for f in frames]).astype(np.float32)
+        kpts = np.stack([self.keypoints(f) for f in frames])
+        if self.layout.name == "dwpose134":
+            kpts = coco133_to_dwpose134(kpts)
+        return kpts.astype(np.float32)
