@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dystream.datamodules.latents import load_vae
 from dystream.objectives.vae import build_lpips, hinge_discriminator_loss, kl_loss
 from dystream.stages.vae import VAEStage
 from dystream.zoo.files import load_model
@@ -117,6 +118,11 @@ def test_validation_sets_latent_statistics_and_exports(tmp_path):
     vae = load_model(path, arch="vae")
     assert torch.equal(vae.latent_std, stage.vae.latent_std)
     assert vae.file_extra["latent_stats_from_data"] is True
+    # A Lightning checkpoint of the stage loads too (weights_only=True), for `dystream data encode --vae x.ckpt`.
+    trainer.save_checkpoint(tmp_path / "stage.ckpt")
+    from_ckpt = load_vae(tmp_path / "stage.ckpt")
+    for (name, a), (_, b) in zip(from_ckpt.state_dict().items(), stage.vae.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_bad_batches_raise_clearly(tmp_path):

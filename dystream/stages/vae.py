@@ -133,6 +133,8 @@ class VAEStage(L.LightningModule):
             )
         self.export_dir = Path(export_dir)
         self._stats: Tensor | None = None  # [3, z] sums of 1, x, x^2 of the posterior mean (validation)
+        self._stats_version = 0  # bumped whenever the latent statistics change
+        self._exported: tuple[int, int] | None = None  # (step, stats version) of the last export
 
     # ------------------------------------------------------------------ batch -> clip, guidance
     def clip_and_references(self, batch: dict[str, Any], k: int) -> tuple[Tensor, Tensor | None]:
@@ -274,6 +276,7 @@ class VAEStage(L.LightningModule):
         mean = total / count
         std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
         self.vae.set_latent_stats(mean.float(), std.float().clamp_min(1e-6))
+        self._stats_version += 1
         self.log("val/latent_std_mean", std.mean().float(), sync_dist=False)
 
     @rank_zero_only
@@ -289,7 +292,10 @@ class VAEStage(L.LightningModule):
 
     # ------------------------------------------------------------------ hand-over
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.export()
+        state = (int(self.global_step), self._stats_version)
+        if state != self._exported:  # ModelCheckpoint saves "last" and top-k at the same step
+            self.export()
+            self._exported = state
 
     @rank_zero_only
     def export(self) -> Path:
