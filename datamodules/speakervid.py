@@ -406,7 +406,7 @@ class ShardStream(IterableDataset):
 
     Args:
         urls: shard paths.
-        decoder: turns a raw sample into a window dict.
+        decoder: `(raw sample, rng, repairs) -> window dict`, raising BadSample to skip a sample.
         ledger: bad-sample counters.
         batch_size: windows per batch; 0 yields single windows (tests, tools).
         split: "shard" (split_by_node + split_by_worker on the shard list) or "sample" (every
@@ -415,12 +415,17 @@ class ShardStream(IterableDataset):
         deterministic: windows seeded by the key (validation) instead of by the stream.
         resampled: draw shards with replacement instead of splitting them.
         repeat: loop over the worker's shards forever (the loader cuts epochs).
+        collate_fn: list of decoded samples -> batch; default `collate` (the video batch contract).
+        node: (rank, world size) as the Trainer reports them; None = as WebDataset's
+            `split_by_node` finds them (RANK/WORLD_SIZE or torch.distributed). Passing them keeps
+            worker processes correct however they were started (a spawned worker does not
+            inherit the process group).
     """
 
     def __init__(
         self,
         urls: list[str],
-        decoder: ClipDecoder,
+        decoder: Callable[[dict[str, Any], np.random.Generator, list[str]], dict[str, Any]],
         ledger: BadSampleLedger,
         batch_size: int,
         split: str = "shard",
@@ -430,6 +435,8 @@ class ShardStream(IterableDataset):
         deterministic: bool = False,
         resampled: bool = False,
         repeat: bool = True,
+        collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None,
+        node: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if split not in ("shard", "sample"):
@@ -437,20 +444,36 @@ class ShardStream(IterableDataset):
         self.urls, self.decoder, self.ledger = list(urls), decoder, ledger
         self.batch_size, self.split, self.shuffle, self.shuffle_buffer = batch_size, split, shuffle, shuffle_buffer
         self.seed, self.deterministic, self.resampled, self.repeat = seed, deterministic, resampled, repeat
+        self.collate_fn = collate_fn or collate
+        self.node = node
         self.epoch = 0  # set from the main process before each epoch (fresh workers pick it up)
         self._iterations = 0  # counts restarts inside a persistent worker
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _info(self) -> tuple[int, int, int, int]:
+        rank, world, worker, workers = worker_info()
+        if self.node is not None:
+            rank, world = self.node
+        return rank, world, worker, workers
+
+    def _split_by_node(self, src: Iterator[str]) -> Iterator[str]:
+        import webdataset as wds
+
+        if self.node is None:  # rank and world size from the environment or torch.distributed
+            return wds.split_by_node(src)
+        rank, world = self.node  # the same slicing, with the rank the Trainer reported
+        return itertools.islice(src, rank, None, world)
+
     def _worker_shards(self) -> list[str]:
         import webdataset as wds
 
         if self.resampled or self.split == "sample":
             return self.urls
-        shards = list(wds.split_by_worker(wds.split_by_node(iter(self.urls))))
+        shards = list(wds.split_by_worker(self._split_by_node(iter(self.urls))))
         if not shards:
-            rank, world, worker, workers = worker_info()
+            rank, world, worker, workers = self._info()
             raise RuntimeError(
                 f"rank {rank} worker {worker} got no shard: {len(self.urls)} shard(s) for {world} rank(s) x "
                 f"{workers} worker(s); use at least ranks x workers shards (re-pack with a smaller --shard-samples) "
@@ -462,7 +485,7 @@ class ShardStream(IterableDataset):
         """Decoded windows of this worker, unbatched."""
         from webdataset.filters import _shuffle
 
-        rank, world, worker, workers = worker_info()
+        rank, world, worker, workers = self._info()
         shards = self._worker_shards()
         self._iterations += 1
         base = [self.seed, self.epoch, self._iterations]
@@ -525,7 +548,7 @@ class ShardStream(IterableDataset):
         for sample in self.iter_samples():
             buf.append(sample)
             if len(buf) == self.batch_size:
-                yield collate(buf)
+                yield self.collate_fn(buf)
                 buf = []
 
 
@@ -716,16 +739,30 @@ class SpeakerVidDataModule(L.LightningDataModule):
             self._val_set = resolve_shards(self.val_shards)
 
     # -- hooks for subclasses (e.g. cached-latent shards, see docs/data.md) ----------------------
-    def make_decoder(self, split: str) -> ClipDecoder:
-        """The per-sample decoder of a split ("train" or "val"); override to read other shard formats."""
+    def make_decoder(self, split: str) -> Callable[[dict[str, Any], np.random.Generator, list[str]], dict[str, Any]]:
+        """The per-sample decoder of a split ("train" or "val"): `(raw sample, rng, repairs) -> window`.
+
+        It raises `BadSample(reason, message)` for a sample to skip and appends to `repairs` what
+        it fixed. Override (with `make_collate`) to read another shard format, e.g. the cached
+        latents of `dystream.datamodules.latents`; sharding, epochs and bad-sample accounting stay.
+        """
         return ClipDecoder(self.window_frames, self.num_references, self.size, self.decode_threads)
 
+    def make_collate(self, split: str) -> Callable[[list[dict[str, Any]]], Any]:
+        """Decoded windows -> one batch; the default builds the video batch of docs/architecture.md."""
+        return collate
+
     # -- loaders --------------------------------------------------------------------------------
-    def _world(self) -> int:
+    def _node(self) -> tuple[int, int] | None:
+        """(global rank, world size) from the attached Trainer, else None (environment / torch.distributed)."""
         trainer = getattr(self, "_trainer", None)
         if trainer is not None:
-            return int(trainer.world_size)
-        return worker_info()[1]
+            return int(trainer.global_rank), int(trainer.world_size)
+        return None
+
+    def _world(self) -> int:
+        node = self._node()
+        return node[1] if node is not None else worker_info()[1]
 
     def _loader(self, stream: ShardStream, workers: int, n_batches: int, ledger: BadSampleLedger) -> EpochLoader:
         import webdataset as wds
@@ -764,6 +801,8 @@ class SpeakerVidDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             resampled=self.resampled,
+            collate_fn=self.make_collate("train"),
+            node=self._node(),
         )
         self.loaders["train"] = self._loader(stream, self.num_workers, n_batches, ledger)
         return self.loaders["train"]
@@ -791,6 +830,8 @@ class SpeakerVidDataModule(L.LightningDataModule):
             shuffle=False,
             seed=self.seed,
             deterministic=True,
+            collate_fn=self.make_collate("val"),
+            node=self._node(),
         )
         self.loaders["val"] = self._loader(stream, workers, n_batches, ledger)
         return self.loaders["val"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +143,22 @@ def test_two_ranks_two_workers_see_disjoint_samples_covering_the_set(data, monke
     assert set(flat) == set(_clips(data, "train"))
 
 
+def test_the_trainers_rank_splits_shards_without_any_environment(data, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "WORKER", "NUM_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    shards = resolve_shards(f"{data}/train")
+    ledger = sv.BadSampleLedger("test", 0.0)
+
+    def keys(rank: int) -> set[str]:
+        stream = sv.ShardStream(
+            shards.urls, sv.ClipDecoder(8, 1, 16), ledger, batch_size=0, shuffle=False, repeat=False, node=(rank, 2)
+        )
+        return {w["key"] for w in stream.iter_samples()}
+
+    a, b = keys(0), keys(1)
+    assert len(a) == len(b) == 4 and not a & b and a | b == set(_clips(data, "train"))
+
+
 def test_every_rank_gets_the_same_number_of_batches(data, monkeypatch):
     """8 clips over 3 ranks is uneven (3/3/2 shards); with_epoch on the loader still cuts equal epochs."""
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -269,3 +286,35 @@ def test_lightning_fit_consumes_exact_epochs(data):
     assert trainer.num_training_batches == 4  # 8 clips / batch 2, known from the index
     assert len(probe.train_keys) == 16 and set(probe.train_keys) <= set(_clips(data, "train"))
     assert len(probe.val_keys) == 2 * 4 and set(probe.val_keys) == set(_clips(data, "val"))
+
+
+def _synthesize_default_in_child(root: str) -> None:
+    sv.synthesize_default(Path(root), size=32, seed=0)
+
+
+def test_concurrent_ranks_synthesize_the_default_only_once(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from dystream.datamodules import synthetic
+
+    calls = tmp_path / "calls.txt"
+    real = synthetic.synthesize
+
+    def counting(*args, **kwargs):
+        with open(calls, "a") as f:
+            f.write("call\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "synthesize", counting)
+    monkeypatch.setattr(
+        sv, "DEFAULT_SYNTH", dict(clips=2, val_clips=1, seconds=1.0, clips_per_identity=1, shard_samples=1)
+    )
+    ctx = multiprocessing.get_context("fork")  # children inherit the patches above
+    procs = [ctx.Process(target=_synthesize_default_in_child, args=(str(tmp_path / "root"),)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert calls.read_text().count("call") == 1
+    assert json.loads((tmp_path / "root" / "train" / "index.json").read_text())["total_samples"] == 2
