@@ -95,9 +95,8 @@ def test_load_roundtrip_reports_the_file(net, tmp_path):
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert info.path == str(path) and "6726825d" in info.verification  # a random file: prefix MISMATCH reported
-    images = torch.randint(0, 256, (1, 3, 96, 96), dtype=torch.uint8)
-    with torch.no_grad():
-        assert torch.equal(loaded(images), net(images))
+    ref = net.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items() if not k.endswith("num_batches_tracked"))
 
 
 def test_missing_or_wrong_weights_raise_the_documented_error(net, tmp_path):
