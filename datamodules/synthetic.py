@@ -871,7 +871,8 @@ def synthesize(
             continue
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
-        for old in list(folder.glob("*.tar")) + list(folder.glob("index.json")):
+        # drop an earlier synthetic run's shards (only ours, by name), so none outlives the new index
+        for old in list(folder.glob(f"{split}-[0-9]*.tar")) + list(folder.glob("index.json")):
             old.unlink()
         for s, start in enumerate(range(0, count, shard_samples)):
             jobs.append(

@@ -101,3 +101,23 @@ def test_resolve_shards(tmp_path):
         resolve_shards(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="dystream data synth"):
         resolve_shards(str(tmp_path / "missing_folder"))
+
+
+def test_video_codec_settings_allow_exact_random_access():
+    import av
+
+    from dystream.datamodules.format import decode_video, encode_video
+
+    frames = np.random.default_rng(0).integers(0, 255, (60, 32, 48, 3), dtype=np.uint8)
+    data = encode_video(frames)
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        assert stream.average_rate == 25 and stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+        packets = [p for p in container.demux(stream) if p.size]
+    assert [i for i, p in enumerate(packets) if p.is_keyframe] == [0, 25, 50]  # a keyframe every second
+    pts = [p.pts for p in packets]
+    assert pts == sorted(pts)  # decode order = display order: no B-frames
+    assert decode_video(data).shape == frames.shape
+    with pytest.raises(ValueError, match="even"):
+        encode_video(frames[:, :31])

@@ -129,3 +129,20 @@ def test_synthesize_writes_disjoint_splits_and_round_trips(tmp_path):
         err = got.video.astype(np.float64) - want.video
         psnr = 10 * np.log10(255.0**2 / np.mean(err**2))
         assert got.video.shape == want.video.shape and psnr > 30.0, psnr
+
+
+def test_listeners_nod_after_the_partners_phrases():
+    """While listening, the head moves far more in the ~0.5 s after a partner phrase ends than otherwise."""
+    after, elsewhere = [], []
+    for i in range(8):
+        c = syn.make_clip(seed=5, split="train", index=i, size=32, seconds=4.0)
+        partner = syn.frame_rms(c.audio_other, c.n_frames) > 0.01
+        window = np.zeros(c.n_frames, dtype=bool)
+        for t in np.flatnonzero(partner[:-1] & ~partner[1:]) + 1:  # the partner just went quiet
+            window[t : t + 14] = True
+        speed = np.abs(np.diff(c.kpts[:, kp.index("nose"), 1], prepend=c.kpts[0, kp.index("nose"), 1]))
+        listening = c.mask == 0
+        after += list(speed[window & listening])
+        elsewhere += list(speed[~window & listening])
+    assert len(after) > 50 and len(elsewhere) > 50
+    assert np.mean(after) > 3 * np.mean(elsewhere)
