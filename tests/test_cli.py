@@ -54,3 +54,18 @@ def test_every_stage_recipe_parses(recipe: Path):
     assert code == 0, err[-2000:]
     printed = yaml.safe_load(out)
     assert printed["model"]["class_path"].startswith("dystream.stages.")
+
+
+@pytest.mark.parametrize("recipe", [p for p in STAGE_RECIPES if "lr:" in p.read_text()], ids=lambda p: p.stem)
+def test_negative_learning_rate_fails_at_parse_time_naming_the_field(recipe: Path):
+    subcommand = "predict" if recipe.stem == "ode_pairs" else "fit"
+    code, _, err = run_cli([subcommand, "--config", str(recipe), "--model.init_args.lr=-1", "--print_config"])
+    assert code != 0
+    assert "lr" in err
+
+
+def test_unknown_preset_fails_at_parse_time_naming_the_field():
+    recipe = ROOT / "recipes" / "teacher.yaml"
+    code, _, err = run_cli(["fit", "--config", str(recipe), "--model.init_args.dit_preset=huge", "--print_config"])
+    assert code != 0
+    assert "dit_preset" in err
