@@ -73,6 +73,7 @@ def _stream(model: AvatarDiT, x, sigma, talk, listen, denoise_steps: int = 0):
         ({"sink_chunks": 0, "window_frames": 3, "rapr_max_distance": 4}, 4),  # sink = reference only
         ({"rapr": False, "window_frames": 3}, 5),  # absolute indices with eviction
         ({"rapr": False, "window_frames": None}, 3),  # plain block-causal, no eviction
+        ({"rapr": False, "attention_backend": "flex"}, 3),  # flex is CUDA-only: on CPU the SDPA path runs
     ],
 )
 def test_streaming_equals_block_causal_forward(overrides, n_chunks):

@@ -526,7 +526,8 @@ class AvatarDiT(nn.Module):
     def _embed_time(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         # sigma [B, F] -> e [B, F, dim], e0 [B, F, 6, dim] (float32), Wan's per-token timestep at frame granularity
         weight = self.time_embedding[0].weight
-        emb = sinusoidal_embedding(sigma.to(weight.device) * self.config.timestep_scale, self.config.freq_dim)
+        t = sigma.to(device=weight.device, dtype=torch.float64) * self.config.timestep_scale  # no bf16 rounding of t
+        emb = sinusoidal_embedding(t, self.config.freq_dim)
         e = self.time_embedding(emb.to(weight.dtype)).float()
         e0 = self.time_projection(e.to(weight.dtype)).float().unflatten(-1, (6, self.config.dim))
         return e, e0
