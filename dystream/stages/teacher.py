@@ -111,7 +111,8 @@ class TeacherStage(L.LightningModule):
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, logs = self._loss(batch)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=batch["video"].shape[0])
+        extra = {f"train/{k}": v for k, v in logs.items() if k != "loss"}
+        self.log_dict(extra, prog_bar=False, batch_size=batch["video"].shape[0])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
         return loss
 
