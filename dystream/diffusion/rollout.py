@@ -127,6 +127,7 @@ def student_rollout(
     cache_write: CacheWrite = "noisy",
     renoise_mode: RenoiseMode = "fresh",
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> RolloutResult:
     """Generate ``num_chunks`` chunks through the KV cache, each conditioned on the student's own output.
 
@@ -142,6 +143,9 @@ def student_rollout(
         cache_write: ``"noisy"`` (paper) or ``"clean"`` (Self-Forcing); see the module docstring.
         renoise_mode: ``"fresh"`` noise or the deterministic ``"ode"`` step between denoising steps.
         generator: source of the noises (drawn in the same order as :func:`sample_few_step`).
+        noise: optional starting noise of all chunks ``[B, C, n C, h, w]`` (e.g. the teacher's starting noise
+            of an ODE pair, to compare student and teacher from the same noise); it replaces each chunk's
+            first draw, the re-noise draws still come from ``generator``.
     """
     n = sigmas.numel()
     if sigmas.ndim != 1 or n < 1 or bool((sigmas <= 0).any()):
@@ -153,6 +157,11 @@ def student_rollout(
         raise ValueError(f"student_rollout: cache_write must be 'noisy' or 'clean', got {cache_write!r}")
     chunk = model.config.chunk_frames
     b, c, _, h, w = reference.shape
+    if noise is not None and noise.shape != (b, c, num_chunks * chunk, h, w):
+        raise ValueError(
+            f"student_rollout: noise must be [B, C, n C, h, w] = {[b, c, num_chunks * chunk, h, w]}, "
+            f"got {list(noise.shape)}"
+        )
     cache = model.new_kv_cache(b, device=reference.device)
     with torch.no_grad():
         model.forward_chunk(reference, reference.new_zeros(b, 1), None, None, cache, context, write_cache=True)
@@ -162,6 +171,8 @@ def student_rollout(
         talk = None if audio_talk is None else model.audio_window(audio_talk, start, chunk)
         listen = None if audio_listen is None else model.audio_window(audio_listen, start, chunk)
         noises = chunk_noises((b, c, chunk, h, w), n, generator, reference.device, reference.dtype)
+        if noise is not None:
+            noises[0] = noise[:, :, j * chunk : (j + 1) * chunk].to(reference.device, reference.dtype)
         x = noises[0]
         out = None
         for k in range(n):
