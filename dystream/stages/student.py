@@ -1,0 +1,215 @@
+"""What the two stage-1 student stages share: building the block-causal student, conditions, validation, hand-over.
+
+The student is the teacher re-architected (StreamAvatar §3.1.1): the same weights, run with
+block-causal attention (chunks of C latent frames, Reference Sink, RAPR, rolling window), which
+"preserves the original network weights". Its layout comes from the DiT config in the weight file
+(the preset's defaults: C = 3, sink = reference + 1 chunk, window 6, D = 10, §4.1); a stage may
+override layout fields only (none of them changes a parameter's shape).
+
+Validation on ODE-pair batches (``dystream.datamodules.ODEPairDataModule``'s held-out split) is the
+same for both stages and measures the student against the teacher:
+
+- ``val/teacher_mse``: latent MSE between the EMA student's few-step sample and the teacher's
+  sample from the *same* reference, audio and starting noise (the recorded trajectory's sigma-1
+  state), over the generated frames;
+- ``val/teacher_fd``: Fréchet distance between the two sets of samples, one feature per
+  generated latent frame (the flattened latent), over the validation split (per rank under DDP,
+  then averaged). Unlike the MSE it does not require the student to map each noise to the
+  teacher's sample, only to match the teacher's distribution, which is what SiD optimises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor, nn
+
+from dystream.diffusion.rollout import CacheWrite, RenoiseMode, student_rollout
+from dystream.models.dit import AvatarDiT
+from dystream.stages.conditioning import AvatarConditioner, build_dit
+from dystream.zoo.files import save_model
+
+# DiTConfig fields a student may change: the block-causal layout and execution, no parameter shapes
+LAYOUT_FIELDS = ("chunk_frames", "sink_chunks", "window_frames", "rapr", "rapr_max_distance", "gradient_checkpointing")
+
+
+def build_student(weights: str, cond: AvatarConditioner, overrides: dict[str, Any] | None = None) -> AvatarDiT:
+    """A trainable DiT from a weight file (teacher or earlier student), with layout ``overrides`` applied."""
+    model = build_dit("tiny", cond, init_weights=weights)  # the preset is unused when weights are given
+    overrides = dict(overrides or {})
+    bad = sorted(set(overrides) - set(LAYOUT_FIELDS))
+    if bad:
+        raise ValueError(
+            f"student_overrides: {bad} cannot be changed on a network initialised from {weights}; "
+            f"allowed: {list(LAYOUT_FIELDS)}"
+        )
+    if overrides:
+        config = dataclasses.replace(model.config, **overrides)  # DiTConfig validates the combination
+        state = model.state_dict()
+        model = AvatarDiT(config)
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+@contextmanager
+def frozen(*modules: nn.Module):
+    """Parameters of ``modules`` get no gradient inside the block (restored afterwards)."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def latent_mse(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample MSE over the generated frames (latent frame 0, the reference, excluded): ``[B]``."""
+    return (a[:, :, 1:].float() - b[:, :, 1:].float()).pow(2).flatten(1).mean(1)
+
+
+def frame_features(latents: Tensor) -> Tensor:
+    """One feature per generated latent frame: ``[B, z, F, h, w]`` -> ``[B (F - 1), z h w]``."""
+    return latents[:, :, 1:].transpose(1, 2).flatten(2).flatten(0, 1).double()
+
+
+class StudentStage(L.LightningModule):
+    """Base of the stage-1 student stages: conditions, few-step sampling, validation, export.
+
+    Subclasses set ``self.cond``, ``self.student``, ``self.ema``, ``self.sigmas`` (the student's step
+    sigmas), ``self.export_dir`` and the attribute names of frozen networks in ``frozen_networks``
+    (left out of checkpoints, reloaded from their files).
+    """
+
+    frozen_networks: tuple[str, ...] = ("cond",)
+    stage_name: str = "student"
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def conditions(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Reference latent ``[B, z, 1, h, w]`` and audio conditions, from an ODE-pair batch (stored) or a
+        SpeakerVid batch (encoded with the frozen VAE and audio encoder)."""
+        if "reference_latent" in batch:
+            return batch["reference_latent"], {"audio_talk": batch["audio_talk"], "audio_listen": batch["audio_listen"]}
+        return self.cond.encode_reference(batch["references"][:, 0]), self.cond.audio_conditions(batch)
+
+    def num_chunks(self, audio: Tensor) -> int:
+        """Chunks in a window whose audio features are ``[B, T, D]``."""
+        chunk = self.student.config.chunk_frames
+        t = audio.shape[1]
+        if t % (4 * chunk):
+            raise ValueError(
+                f"{type(self).__name__}: windows of {t} video frames; the student generates chunks of {chunk} latent "
+                f"frames, so the window must be a multiple of {4 * chunk} frames"
+            )
+        return t // (4 * chunk)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        batch: dict[str, Any],
+        net: nn.Module | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        renoise_mode: RenoiseMode = "fresh",
+        cache_write: CacheWrite = "noisy",
+    ) -> Tensor:
+        """Few-step streaming sample ``[B, z, F, h, w]`` (frame 0 the reference) through the KV cache."""
+        net = self.ema.shadow if net is None else net
+        ref, cond = self.conditions(batch)
+        sigmas = self.sigmas.to(ref.device, ref.dtype)
+        res = student_rollout(
+            net,
+            ref,
+            self.num_chunks(cond["audio_talk"]),
+            sigmas,
+            cond["audio_talk"],
+            cond["audio_listen"],
+            cache_write=cache_write,
+            renoise_mode=renoise_mode,
+            generator=generator,
+            noise=noise,
+        )
+        return res.latents
+
+    # -- validation against the teacher's recorded samples -----------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_feats: list[tuple[Tensor, Tensor]] = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "x0" not in batch or "states" not in batch:
+            return
+        if not bool((batch["sigmas"][:, 0] == 1).all()):
+            raise ValueError("validation pairs must start at sigma 1 (their first state is the starting noise)")
+        g = torch.Generator().manual_seed(4321 + batch_idx)  # same re-noise draws every validation
+        noise = batch["states"][:, 0, :, 1:]  # [B, z, F - 1, h, w], the teacher's starting noise
+        sample = self.sample(batch, noise=noise, generator=g, cache_write=self.val_cache_write)
+        b = sample.shape[0]
+        self.log("val/teacher_mse", latent_mse(sample, batch["x0"]).mean(), sync_dist=True, batch_size=b)
+        self._val_feats.append((frame_features(sample).cpu(), frame_features(batch["x0"]).cpu()))
+        if batch_idx == 0:
+            self._log_images(batch, sample)
+
+    @property
+    def val_cache_write(self) -> CacheWrite:
+        return "noisy"
+
+    def on_validation_epoch_end(self) -> None:
+        from dystream.evaluation.frechet import frechet_distance
+
+        feats, self._val_feats = getattr(self, "_val_feats", []), []
+        if not feats:
+            return
+        student = torch.cat([s for s, _ in feats])
+        teacher = torch.cat([t for _, t in feats])
+        if student.shape[0] >= 2:  # per rank under DDP, averaged over ranks
+            fd = torch.tensor(frechet_distance(student, teacher), dtype=torch.float32, device=self.device)
+            self.log("val/teacher_fd", fd, sync_dist=True)
+
+    @rank_zero_only
+    def _log_images(self, batch: dict[str, Any], sample: Tensor) -> None:
+        logger = getattr(self.logger, "experiment", None) if self._trainer is not None else None
+        if logger is None or not hasattr(logger, "add_image"):
+            return
+        ref = batch["references"][:1, 0]
+        videos = [self.cond.decode(z[:1], ref)[0, :, 1:] for z in (batch["x0"], sample)]  # [3, T, H, W] each
+        rows = [torch.cat(list(v.unbind(1)), dim=-1) for v in videos]
+        strip = torch.cat(rows, dim=-2)  # teacher above, student below
+        logger.add_image("val/teacher_vs_student", (strip.clamp(-1, 1) + 1) / 2, self.global_step)
+
+    # -- checkpoints and hand-over -----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # frozen networks come from their files at construction; keeping them out of every checkpoint
+        # saves a full teacher copy at scale
+        prefixes = tuple(f"{name}." for name in self.frozen_networks)
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(prefixes)]:
+            del state[key]
+        self.export()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.setdefault("state_dict", {})
+        for name in self.frozen_networks:
+            for key, value in getattr(self, name).state_dict().items():
+                state.setdefault(f"{name}.{key}", value)
+
+    def export_extra(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage_name,
+            "step": int(self.global_step) if self._trainer is not None else 0,
+            "student_sigmas": self.sigmas.tolist(),
+            "audio": self.hparams.audio,
+            "vae": self.hparams.vae,
+        }
+
+    @rank_zero_only
+    def export(self) -> None:
+        path = Path(self.export_dir) / "student.safetensors"
+        save_model(self.ema.shadow, path, arch="dit", extra=self.export_extra())
+        rank_zero_info(f"exported {path} (EMA student)")
