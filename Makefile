@@ -59,12 +59,13 @@ train: $(STAMP) | $$(call done,$$(NEEDS_$$(RECIPE))) ## train RECIPE (default: t
 	@test -n "$(RECIPE)" || { echo "no recipe found under recipes/"; exit 2; }
 	$(DYSTREAM) $(or $(RUN_$(RECIPE)),fit) --config recipes/$(RECIPE).yaml $(ARGS)
 
-# A missing stage output is built from its recipe, after the outputs it needs.
-$(RUNS)/%/checkpoints/last.ckpt: | $(STAMP) $$(call done,$$(NEEDS_$$*))
-	$(DYSTREAM) $(or $(RUN_$*),fit) --config recipes/$*.yaml
-
-$(DONE_ode_pairs): | $(STAMP) $$(call done,$$(NEEDS_ode_pairs))
-	$(DYSTREAM) predict --config recipes/ode_pairs.yaml
+# A missing stage output is built from its recipe, after the outputs it needs (one explicit rule
+# per stage: make never uses the same pattern rule twice in one chain).
+define stage_rule
+$(call done,$(1)): | $(STAMP) $(call done,$(NEEDS_$(1)))
+	$(DYSTREAM) $(or $(RUN_$(1)),fit) --config recipes/$(1).yaml
+endef
+$(foreach s,$(CHAIN),$(eval $(call stage_rule,$(s))))
 
 .PHONY: test
 test: $(STAMP) ## run the test suite (CPU, tiny presets)
