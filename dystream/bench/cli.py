@@ -26,6 +26,7 @@ PARTS = {
     "dit": "dystream.bench.streaming_dit",
     "vae": "dystream.bench.vae",
     "metrics": "dystream.bench.metrics",
+    "audio": "dystream.bench.audio",
     "training": "dystream.bench.training",
     "streaming": "dystream.bench.streaming",
 }
