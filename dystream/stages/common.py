@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dystream.zoo import resolve
 from dystream.zoo.files import load_model
 
 
@@ -29,8 +30,8 @@ def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
 
 
 def load_frozen(path: str | Path, arch: str) -> nn.Module:
-    """Load a network an earlier stage exported (or a zoo file) and freeze it."""
-    return freeze(load_model(path, arch=arch))
+    """Load a network an earlier stage exported (a path, or a zoo entry name) and freeze it."""
+    return freeze(load_model(resolve(path), arch=arch))
 
 
 class EMA(nn.Module):

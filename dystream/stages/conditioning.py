@@ -20,13 +20,18 @@ from torch import Tensor, nn
 from dystream.models.audio import AudioEncoder, AudioEncoderConfig, audio_conditions, load_wav2vec2_weights
 from dystream.models.dit import AvatarDiT, DiTConfig
 from dystream.stages.common import freeze, load_frozen
-from dystream.zoo.files import load_model
+from dystream.zoo import is_entry, load_text_context, load_weights, resolve
 
 DiTPresetName = Literal["tiny", "small", "wan2.2-ti2v-5b"]
 
 
 def build_audio_encoder(audio: str, weights: str | None = None, seed: int = 0) -> AudioEncoder:
-    """An exported audio encoder file, or a preset (with local weights, or a fixed seeded init)."""
+    """An exported audio encoder file or zoo entry, or a preset (with local weights, or a fixed seeded init).
+
+    ``weights`` (a Wav2Vec2 checkpoint path or zoo entry, e.g. ``wav2vec2-base-960h.facebook``) fills the preset.
+    """
+    if is_entry(audio):
+        return freeze(load_weights(audio, "audio"))
     if audio.endswith(".safetensors") or Path(audio).is_file():
         return load_frozen(audio, "audio")
     config = AudioEncoderConfig.from_name(audio)
@@ -34,7 +39,7 @@ def build_audio_encoder(audio: str, weights: str | None = None, seed: int = 0) -
         torch.manual_seed(seed)
         encoder = AudioEncoder(config)
     if weights is not None:
-        load_wav2vec2_weights(encoder, weights)
+        load_wav2vec2_weights(encoder, resolve(weights))
     return freeze(encoder)
 
 
@@ -83,24 +88,29 @@ def build_dit(
     text_context: str | None = None,
     **overrides: Any,
 ) -> AvatarDiT:
-    """An AvatarDiT whose latent channels and audio width follow the conditioning networks."""
+    """An AvatarDiT whose latent channels and audio width follow the conditioning networks.
+
+    ``init_weights`` is a dystream file or zoo entry; base weights loaded through an adapter (the Wan2.2 entry) get
+    new audio modules of the audio encoder's width (and ``overrides``). ``text_context`` applies in both cases.
+    """
     if init_weights is not None:
-        model = load_model(init_weights, arch="dit")
+        # a file, or a zoo entry (the Wan2.2 base through its adapter)
+        model = load_weights(init_weights, arch="dit", adapter_overrides={"audio_dim": cond.audio_dim, **overrides})
         if model.config.in_channels != cond.latent_channels or model.config.audio_dim != cond.audio_dim:
             raise ValueError(
                 f"init_weights {init_weights}: DiT expects {model.config.in_channels} latent channels and "
                 f"audio_dim {model.config.audio_dim}, but the VAE gives {cond.latent_channels} and the audio "
                 f"encoder {cond.audio_dim}"
             )
-        return model
-    config = DiTConfig.from_preset(
-        preset,
-        in_channels=cond.latent_channels,
-        out_channels=cond.latent_channels,
-        audio_dim=cond.audio_dim,
-        **overrides,
-    )
-    model = AvatarDiT(config)
+    else:
+        config = DiTConfig.from_preset(
+            preset,
+            in_channels=cond.latent_channels,
+            out_channels=cond.latent_channels,
+            audio_dim=cond.audio_dim,
+            **overrides,
+        )
+        model = AvatarDiT(config)
     if text_context is not None:
-        model.set_text_context(torch.load(text_context, weights_only=True))
+        model.set_text_context(load_text_context(text_context))
     return model
