@@ -83,3 +83,10 @@ bench: $(STAMP) ## benchmarks -> docs/benchmarks.md + JSON (QUICK=1 for the unde
 .PHONY: clean
 clean: ## remove run outputs (keeps .venv and data/)
 	rm -rf $(RUNS) outputs
+
+# Zoo: train whatever stage of the chain is missing (recipes that exist), then collect the stage exports into
+# the zoo cache ($DYSTREAM_CACHE or ~/.cache/dystream) with their sha256 in <cache>/local.json (docs/zoo.md).
+ZOO_STAGES = $(foreach s,$(CHAIN),$(if $(wildcard recipes/$(s).yaml),$(s)))
+.PHONY: zoo
+zoo: $(STAMP) | $$(foreach s,$$(ZOO_STAGES),$$(call done,$$(s))) ## build the local zoo entries from our recipes' exports (trains missing stages)
+	$(DYSTREAM) zoo build-local --runs $(RUNS)
