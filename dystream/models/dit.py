@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -541,7 +542,8 @@ class AvatarDiT(nn.Module):
         audio_from: int,
         context: Tensor,
         attend,
-    ) -> Tensor:
+        taps: tuple[int, ...] = (),
+    ) -> Tensor | list[Tensor]:
         cfg = self.config
         h, w = x.shape[3] // cfg.patch_size[1], x.shape[4] // cfg.patch_size[2]
         weight = self.patch_embedding.weight
@@ -549,9 +551,14 @@ class AvatarDiT(nn.Module):
         tokens = rearrange(tokens, "b c f h w -> b f (h w) c")  # frame-major [B, F, S, dim]
         e, e0 = self._embed_time(sigma)
         use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        features: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             args = (tokens, e0, context, talk, listen, audio_from, attend, i)
             tokens = checkpoint(block, *args, use_reentrant=False) if use_ckpt else block(*args)
+            if taps:
+                features.extend(tokens for layer in taps if layer == i)
+                if len(features) == len(taps):
+                    return features  # the later blocks and the head are not needed
         out = self.head(tokens, e)  # [B, F, S, p q r c]
         pt, ph, pw = cfg.patch_size
         return rearrange(out, "b f (h w) (p q r c) -> b c (f p) (h q) (w r)", h=h, w=w, p=pt, q=ph, r=pw)
@@ -564,7 +571,8 @@ class AvatarDiT(nn.Module):
         audio_listen: Tensor | None = None,
         context: Tensor | None = None,
         attention: AttentionMode = "bidirectional",
-    ) -> Tensor:
+        return_block_features: Sequence[int] | None = None,
+    ) -> Tensor | list[Tensor]:
         """Velocity ``v [B, C_out, F, h, w]`` for latents ``x [B, C_in, F, h, w]`` at per-frame noise ``sigma [B, F]``.
 
         Args:
@@ -573,6 +581,10 @@ class AvatarDiT(nn.Module):
             audio_talk, audio_listen: ``[B, 4(F-1) (+ lookahead), audio_dim]`` masked features, or None (dropped).
             context: ``[B or 1, L, text_dim]`` text context; None uses the learned / fixed prompt.
             attention: ``"bidirectional"`` (teacher) or ``"block_causal"`` (student, ``F = 1 + k C``).
+            return_block_features: block indices (0-based, non-decreasing, repeats allowed); instead of the
+                velocity, return the token states ``[B, F, S, dim]`` after each of these blocks, in order, for
+                heads built on the backbone (the stage-2 discriminator's Q-Formers, StreamAvatar §3.1.2). Blocks
+                after the last one and the output head are not run.
         """
         grid = self._check_latents(x, "x")
         b, f = x.shape[0], x.shape[2]
@@ -584,9 +596,17 @@ class AvatarDiT(nn.Module):
             attend = BlockCausalAttention(self.config.layout, f, grid, self.rope, device, self.config.attention_backend)
         else:
             raise ValueError(f"AvatarDiT: attention must be 'bidirectional' or 'block_causal', got {attention!r}")
+        taps = ()
+        if return_block_features is not None:
+            taps = tuple(int(i) for i in return_block_features)
+            n = len(self.blocks)
+            if not taps or any(not 0 <= i < n for i in taps) or list(taps) != sorted(taps):
+                raise ValueError(
+                    f"AvatarDiT: return_block_features must be non-decreasing block indices in [0, {n}), got {taps}"
+                )
         talk = self._audio_tokens(audio_talk, b, f - 1, "audio_talk", padded=True)
         listen = self._audio_tokens(audio_listen, b, f - 1, "audio_listen", padded=True)
-        return self._run(x, sigma, talk, listen, 1, self._context(context, b), attend)
+        return self._run(x, sigma, talk, listen, 1, self._context(context, b), attend, taps)
 
     # ---------------------------------------------------------------------------------------------- streaming
     def new_kv_cache(
