@@ -54,7 +54,7 @@ def test_discriminator_update_trains_only_the_discriminator(files, penalty):  # 
     loss, logs = stage.discriminator_step_loss(prompt_batch(["a", "b"], t=ONE_CHUNK))
     assert torch.isfinite(loss)
     assert float(logs["r1"]) > 0 and float(logs["r2"]) > 0
-    assert 0.0 <= float(logs["d_acc"]) <= 1.0
+    assert all(0.0 <= float(logs[k]) <= 1.0 for k in ("d_acc", "d_acc_frame", "d_acc_global"))
     torch.testing.assert_close(loss.detach(), logs["loss_d_adv"] + logs["r1"] + logs["r2"])
     loss.backward()
     disc = stage.discriminator

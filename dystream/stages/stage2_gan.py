@@ -33,8 +33,9 @@ here (``grad_clip``), EMA of the student after every generator update. Counters 
 the accuracy monitor) are buffers, so a resumed run continues the same schedule. Lightning's ``global_step``
 counts the steps of both optimizers: set the run length with epochs or ``max_steps = 2 x steps``.
 
-Discriminator accuracy (fraction of pairs with ``score(real) > score(fake)``) is logged every step
-(``train/d_acc``) with its running mean (``train/d_acc_ema``); a running mean stuck within
+Discriminator accuracy (fraction of pairs with ``score(real) > score(fake)``, the score being the loss's weighted
+logits) is logged every step (``train/d_acc``; per branch ``train/d_acc_frame`` over frame pairs and
+``train/d_acc_global`` over clip pairs) with its running mean (``train/d_acc_ema``); a running mean stuck within
 ``saturation_margin`` of 0 or 1 for ``saturation_steps`` discriminator steps is reported once per episode
 (a warning and ``train/d_saturated`` = 1): the discriminator has won (1) or collapsed (0), and the generator
 gets no useful signal.
@@ -302,7 +303,11 @@ class GANStage(StudentStage):
             r1 = self._penalty("real", h.r1_gamma, scores, inputs, x_real, sigma, cond)
             r2 = self._penalty("fake", h.r2_gamma, scores, inputs, x_fake, sigma, cond)
         acc = discriminator_accuracy(scores["real"], scores["fake"])
+        per_branch = {"d_acc_frame": discriminator_accuracy(outs["real"].frame_logits, outs["fake"].frame_logits)}
+        if outs["real"].global_logit is not None:
+            per_branch["d_acc_global"] = discriminator_accuracy(outs["real"].global_logit, outs["fake"].global_logit)
         logs = {
+            **per_branch,
             "loss_d_adv": loss_adv.detach(),
             "r1": r1.detach(),
             "r2": r2.detach(),
