@@ -116,6 +116,14 @@ def test_discriminator_starts_from_the_teacher_and_nothing_else_is_kept(files): 
     assert all(not p.requires_grad for m in stage.discriminator.unused_modules() for p in m.parameters())
 
 
+def test_text_context_reaches_the_student_and_the_discriminator(files, tmp_path):  # noqa: F811
+    context = torch.randn(4, 32)  # [L, text_dim] of the tiny preset
+    torch.save(context, tmp_path / "context.pt")
+    stage = _stage(files, text_context=str(tmp_path / "context.pt"))
+    for net in (stage.student, stage.ema.shadow, stage.discriminator.backbone):
+        torch.testing.assert_close(net.fixed_text_context, context)
+
+
 def test_ablations_global_branch_off_and_unconditioned_discriminator(files):  # noqa: F811
     stage = _stage(files, global_branch=False, d_audio=False, penalty="none")
     assert stage.discriminator.global_head is None

@@ -88,6 +88,8 @@ class GANStage(StudentStage):
         vae: the VAE stage's export (real latents, validation frames).
         audio: the teacher stage's audio encoder export.
         student_overrides: block-causal layout fields to change from the student file's config.
+        text_context: the fixed prompt's text-encoder output (file or zoo entry) for real presets, whose weight files
+            do not carry it; set on the student and the discriminator. Tiny presets learn a constant instead.
         student_steps: the student's denoising steps N (§4.1: 3).
         shift: timestep shift of the student's sigmas.
         cache_write: ``noisy`` (paper: the last step's input is cached) or ``clean`` (Self-Forcing).
@@ -136,6 +138,7 @@ class GANStage(StudentStage):
         vae: str = "runs/vae/vae.safetensors",
         audio: str = "runs/teacher/audio.safetensors",
         student_overrides: dict[str, int | bool | None] | None = None,
+        text_context: str | None = None,
         student_steps: PositiveInt = 3,
         shift: PositiveFloat = 5.0,
         cache_write: CacheWrite = "noisy",
@@ -183,7 +186,10 @@ class GANStage(StudentStage):
         self.automatic_optimization = False
         self.cond = AvatarConditioner(vae=vae, audio=audio)
         self.student = build_student(student, self.cond, student_overrides)
-        backbone = build_dit("tiny", self.cond, init_weights=teacher)  # the preset is unused when weights are given
+        # the preset is unused when weights are given
+        backbone = build_dit("tiny", self.cond, init_weights=teacher, text_context=text_context)
+        if text_context is not None:
+            self.student.set_text_context(backbone.fixed_text_context)
         d_config = DiscriminatorConfig.from_preset(
             d_preset,
             backbone=backbone.config,
