@@ -66,6 +66,7 @@ import math
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -102,7 +103,10 @@ def silero_mask(audio: np.ndarray, n_frames: int) -> np.ndarray:
     _import_silero()
     from dystream.datamodules.pack import vad_mask
 
-    with _VAD_LOCK:
+    with _VAD_LOCK, warnings.catch_warnings():
+        # the first call loads silero's TorchScript model, which warns about torch.jit.load and importlib paths
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         return vad_mask(audio, n_frames)
 
 
