@@ -403,6 +403,9 @@ class StreamingAttention:
         self.q_rope = rope.cos_sin(torch.tensor(qpos, device=device), *grid)  # [n, S, c]
         self.k_rope = rope.cos_sin(torch.tensor(kpos, device=device), *grid)  # [m, S, c]
         self.cache, self.start, self.size, self.write = cache, start, size, write
+        # the cache as this chunk sees it: activation checkpointing recomputes a block in the backward pass, after
+        # commit() moved the cache on; KVCache.append builds new tensors, so these references stay valid
+        self.context = list(zip(cache.keys, cache.values, strict=True))
         self.pending: list[tuple[Tensor, Tensor] | None] = [None] * cache.num_layers
         cache.last_query_positions, cache.last_key_positions = qpos, kpos
         cache.last_key_frames = past + list(range(start, start + size))
@@ -411,7 +414,7 @@ class StreamingAttention:
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.write:
             self.pending[layer] = (k, v)  # un-roped; re-assigning on checkpoint recompute is harmless
-        ck, cv = self.cache.keys[layer], self.cache.values[layer]
+        ck, cv = self.context[layer]
         if ck is not None:
             k = torch.cat([ck.to(k.dtype), k], dim=1)
             v = torch.cat([cv.to(v.dtype), v], dim=1)

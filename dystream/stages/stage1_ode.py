@@ -137,7 +137,9 @@ class ODEInitStage(StudentStage):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["x0"].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # not in on_train_batch_end: a checkpoint saved at this step would miss the update (TeacherStage)
         self.ema.update(self.student, self.global_step)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

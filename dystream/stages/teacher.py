@@ -25,6 +25,7 @@ from torch import Tensor
 from dystream.diffusion.sampling import AudioGuidance, sample_euler
 from dystream.diffusion.schedule import sample_training_sigma, sampling_sigmas
 from dystream.objectives.flow_matching import FlowMatchingConfig, draw_dropout_masks, flow_matching_loss
+from dystream.scale import exports_during_training, shards_parameters
 from dystream.stages.common import EMA
 from dystream.stages.conditioning import AvatarConditioner, DiTPresetName, build_dit
 from dystream.streaming.video_io import write_mp4
@@ -128,7 +129,10 @@ class TeacherStage(L.LightningModule):
         masks = type(masks)(*(m.to(x0.device) for m in (masks.talk, masks.listen, masks.reference)))
         return flow_matching_loss(self.denoiser(), x0, cond, sigma, eps, masks, self.flow)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: ModelCheckpoint saves in the callbacks' on_train_batch_end, which runs
+        # before the module's, so a checkpoint would miss this step's update and a resumed EMA would lag by one
         self.ema.update(self.dit, self.global_step)
 
     def configure_optimizers(self):
@@ -152,8 +156,10 @@ class TeacherStage(L.LightningModule):
         if batch_idx == 0:
             self._log_sample(batch)
 
-    @rank_zero_only
     def _log_sample(self, batch: dict[str, Any]) -> None:
+        # with sharded parameters (FSDP, ZeRO-3) every forward is collective: all ranks sample, rank 0 logs
+        if self.global_rank != 0 and not shards_parameters(self.trainer.strategy):
+            return
         logger = getattr(self.logger, "experiment", None)
         if logger is None or not hasattr(logger, "add_image"):
             return
@@ -189,7 +195,8 @@ class TeacherStage(L.LightningModule):
 
     # -- hand-over -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.export()
+        if exports_during_training(self):  # sharded parameters: `dystream consolidate` writes the export
+            self.export()
 
     @rank_zero_only
     def export(self) -> None:

@@ -51,6 +51,7 @@ from dystream.objectives.vae import (
     l1_loss,
     lpips_video,
 )
+from dystream.scale import exports_during_training
 from dystream.zoo.files import save_model
 
 VAEPresetName = Literal["tiny", "ref-dc-f32t4c16"]
@@ -293,7 +294,8 @@ class VAEStage(L.LightningModule):
     # ------------------------------------------------------------------ hand-over
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = (int(self.global_step), self._stats_version)
-        if state != self._exported:  # ModelCheckpoint saves "last" and top-k at the same step
+        # ModelCheckpoint saves "last" and top-k at the same step; ZeRO-3 shards: `dystream consolidate` exports
+        if state != self._exported and exports_during_training(self):
             self.export()
             self._exported = state
 
