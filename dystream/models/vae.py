@@ -43,6 +43,11 @@ API (all video tensors in [-1, 1]; ``references`` may be ``None`` or ``[B, 0, 3,
     frames0 = vae.decode_chunk(z[:, :, :1], cache)           # 1 frame from the first latent frame
     frames1 = vae.decode_chunk(z[:, :, 1:2], cache)          # then 4 frames per latent frame
 
+Presets (table at the bottom): ``tiny`` is f8 t4 c16 (3 * 4 * 8^2 / 16 = 48x; 64x64 video ->
+8x8 latents, 2.8M parameters) for CPU tests and the synthetic default; ``ref-dc-f32t4c16`` is the
+paper-scale deep-compression VAE, f32 t4 c16 (3 * 4 * 32^2 / 16 = 768x, the ratio paper 002's
+digests report; 512x512 video -> 16x16 latents per 4 frames, ~280M parameters).
+
 ``reference_mask`` ([B, K] bool, True = use) masks references per sample for variable K in one
 batch. A cache belongs to one stream: use one cache per thread (StreamingAvatar decodes on its
 own thread with its own cache); the module itself holds no streaming state.
@@ -124,10 +129,10 @@ class VAEConfig:
             raise ValueError(f"VAEConfig.temporal_kernel must be >= 1, got {self.temporal_kernel}")
         for lvl in self.attn_levels:
             w = self.widths[lvl]
-            if w % self.head_dim or w % 4:
+            if w % self.head_dim:
                 raise ValueError(
-                    f"VAEConfig.widths[{lvl}] = {w} must be divisible by head_dim = {self.head_dim} and by 4 "
-                    "(2-D sin-cos positions) because level {lvl} is in attn_levels"
+                    f"VAEConfig.widths[{lvl}] = {w} must be divisible by head_dim = {self.head_dim} "
+                    f"because level {lvl} is in attn_levels"
                 )
         # Residual shortcuts are non-parametric, so every channel change must be an integer ratio.
         stem = self.in_channels * self.patch_size**2
@@ -363,6 +368,7 @@ class UpBlock3d(nn.Module):
         return _to_space(y, self.r_t, self.r_s, first)
 
 
+POS_DIM = 16  # sin-cos position channels per attention head (4 frequencies x sin/cos x 2 axes)
 _SINCOS_CACHE: dict[tuple, Tensor] = {}
 
 
@@ -379,7 +385,8 @@ def _sincos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtyp
 
 def _sincos_2d_uncached(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     n = dim // 4
-    freqs = math.pi * torch.pow(2.0, torch.linspace(0.0, 6.0, n, device=device))
+    # Periods from 2 frames down to 1/8 of the frame: 2 pixels at 16x16, finer would alias.
+    freqs = math.pi * torch.pow(2.0, torch.linspace(0.0, 4.0, n, device=device))
     ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
@@ -393,6 +400,13 @@ class ReferenceCrossAttention(nn.Module):
     Queries are the ``h x w`` positions of every frame; keys/values are the ``K x h_r x w_r``
     reference tokens of the same level. Each frame attends independently, so the block is causal.
     The null key/value keeps the softmax defined when a sample has no (unmasked) reference.
+
+    Every head's query and key carry ``POS_DIM`` extra sin-cos channels of the normalised
+    position, scaled by a learned per-head factor: their dot product adds a relative-position
+    logit that peaks where query and key sit at the same place. From initialisation a query
+    therefore looks at the same spot in every reference (talking heads barely move), and the
+    content projections learn where to look elsewhere. The output projection starts at zero,
+    so the block starts as the identity.
     """
 
     def __init__(self, dim: int, cfg: VAEConfig) -> None:
@@ -404,30 +418,37 @@ class ReferenceCrossAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.null_kv = nn.Parameter(torch.zeros(2, dim))
+        # 3^2 * 8 (the position dot product at equal places) / sqrt(head_dim + 16): a peaked prior.
+        self.pos_scale = nn.Parameter(torch.full((self.heads,), 3.0))
         self.to_out = nn.Linear(dim, dim)
-        nn.init.zeros_(self.to_out.weight)  # start as identity: guidance is learned, not imposed
+        nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
     def forward(self, x: Tensor, refs: Tensor | None, mask: Tensor | None) -> Tensor:
         # x: [B, C, T, h, w]; refs: [B, K, C, h_r, w_r] or None; mask: [B, K] bool
         b, c, t, h, w = x.shape
-        pos = _sincos_2d(h, w, c, x.device, x.dtype)
-        q_in = rearrange(self.norm(x), "b c t h w -> b t (h w) c") + pos
-        q = self.to_q(q_in.reshape(b, t * h * w, c))
+        scale = self.pos_scale.view(1, -1, 1, 1).to(x.dtype)
+        q = self.to_q(rearrange(self.norm(x), "b c t h w -> b (t h w) c"))
+        q = rearrange(q, "b n (nh d) -> b nh n d", nh=self.heads)
+        q_pos = _sincos_2d(h, w, POS_DIM, x.device, x.dtype).repeat(t, 1)  # [T h w, P]
+        q = torch.cat([q, (scale * q_pos).expand(b, -1, -1, -1)], dim=-1)
         null_k = self.null_kv[0].expand(b, 1, c)
         null_v = self.null_kv[1].expand(b, 1, c)
         if refs is not None and refs.shape[1] > 0:
             k_n, hr, wr = refs.shape[1], refs.shape[3], refs.shape[4]
-            r = rearrange(self.norm_ref(refs.flatten(0, 1)), "(b k) c h w -> b k (h w) c", b=b)
-            r = (r + _sincos_2d(hr, wr, c, x.device, x.dtype)).reshape(b, k_n * hr * wr, c)
+            r = rearrange(self.norm_ref(refs.flatten(0, 1)), "(b k) c h w -> b (k h w) c", b=b)
             k = torch.cat([null_k, self.to_k(r)], dim=1)
             v = torch.cat([null_v, self.to_v(r)], dim=1)
+            k_pos = _sincos_2d(hr, wr, POS_DIM, x.device, x.dtype).repeat(k_n, 1)  # [K h_r w_r, P]
+            k_pos = torch.cat([k_pos.new_zeros(1, POS_DIM), k_pos])  # the null token has no place
             keep = torch.cat([mask.new_ones(b, 1), mask.repeat_interleave(hr * wr, dim=1)], dim=1)
             attn_mask = keep[:, None, None, :]  # [B, 1, 1, N]
         else:
             k, v, attn_mask = null_k, null_v, None
-        q, k, v = (rearrange(a, "b n (nh d) -> b nh n d", nh=self.heads) for a in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            k_pos = x.new_zeros(1, POS_DIM)
+        k, v = (rearrange(a, "b n (nh d) -> b nh n d", nh=self.heads) for a in (k, v))
+        k = torch.cat([k, (scale * k_pos).expand(b, -1, -1, -1)], dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # key dim d + P, value dim d
         out = self.to_out(rearrange(out, "b nh n d -> b n (nh d)"))
         return x + rearrange(out, "b (t h w) c -> b c t h w", t=t, h=h, w=w)
 
