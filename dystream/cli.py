@@ -35,6 +35,7 @@ TOOL_COMMANDS = {
     "eval": "dystream.evaluation.cli",
     "zoo": "dystream.zoo.cli",
     "bench": "dystream.bench.cli",
+    "consolidate": "dystream.consolidate",
 }
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import random
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 __all__ = [
+    "ActivationCheckpointing",
     "AvatarWrapPolicy",
     "FSDPMixedPrecision",
     "FSDPUnits",
@@ -348,6 +350,13 @@ class StrategyCheck(Callback):
             from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 
             optimizers, _ = _init_optimizers_and_lr_schedulers(pl_module)
+            ema = [m for m in pl_module.modules() if type(m).__name__ == "EMA" and getattr(m, "decay", 0) > 0.99]
+            if ema and "bf16" in str(trainer.precision):
+                rank_zero_warn(
+                    f"{name} under {where} with {trainer.precision}: DeepSpeed casts the whole module to bf16, the "
+                    f"EMA copy included, and an EMA step of (1 - {ema[0].decay}) x the change is mostly below bf16 "
+                    "resolution. Prefer recipes/scale/fsdp.yaml, which keeps fp32 weights (docs/scaling.md)."
+                )
             if len(optimizers) > 1:
                 raise RuntimeError(
                     f"{name} trains {len(optimizers)} networks with their own optimizers, and Lightning's {where} "
@@ -375,6 +384,41 @@ class StrategyCheck(Callback):
                     f"{name} under {where} with sharding_strategy {sharding}: FSDPMixedPrecision clips gradient norms "
                     "over gradient shards and supports FULL_SHARD and SHARD_GRAD_OP only."
                 )
+
+
+class ActivationCheckpointing(Callback):
+    """Activation checkpointing per block (torch's non-reentrant checkpoint wrapper) for DDP and DeepSpeed.
+
+    FSDP has its own (``activation_checkpointing_policy``), so under FSDPStrategy this does nothing. Every block of
+    every network is wrapped; in frozen or no-grad forwards the wrapper costs nothing, and the frozen teacher's
+    forwards that SiD differentiates with respect to their input are checkpointed too. The wrapper's prefix never
+    reaches a checkpoint or an export (it strips it from state dicts), and the EMA shadow is wrapped like the network
+    it tracks, so their parameter names still match.
+
+    Args:
+        module_classes: classes to checkpoint; default the AvatarBlock.
+    """
+
+    def __init__(self, module_classes: list[type[nn.Module]] | None = None) -> None:
+        self.module_classes = tuple(module_classes or default_block_classes())
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointImpl,
+            CheckpointWrapper,
+            apply_activation_checkpointing,
+            checkpoint_wrapper,
+        )
+
+        if stage != "fit" or isinstance(trainer.strategy, FSDPStrategy):
+            return
+        if any(isinstance(m, CheckpointWrapper) for m in pl_module.modules()):
+            return
+        wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        apply_activation_checkpointing(
+            pl_module, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, self.module_classes)
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -55,7 +55,10 @@ class EMA(nn.Module):
         decay = self.decay if step >= self.start_step else 0.0
         shadow = dict(self.shadow.named_parameters())
         for name, param in model.named_parameters():
-            shadow[name].lerp_(param.detach().to(shadow[name].dtype), 1.0 - decay)
+            # DeepSpeed ZeRO-3 keeps a rank's partition in ds_tensor (param itself is empty outside a forward); the
+            # shadow is partitioned alike. FSDP's sharded parameters are plain views of the shards (docs/scaling.md)
+            target = getattr(shadow[name], "ds_tensor", shadow[name])
+            target.lerp_(getattr(param, "ds_tensor", param).detach().to(target.dtype), 1.0 - decay)
         shadow_buffers = dict(self.shadow.named_buffers())
         for name, buf in model.named_buffers():
             shadow_buffers[name].copy_(buf)
