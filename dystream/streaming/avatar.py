@@ -62,11 +62,13 @@ and feature and so grows.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import queue
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -337,6 +339,12 @@ class _Decoder:
             out, self.ready = self.ready, []
         return out
 
+    def stop(self) -> None:
+        """Ask the thread to end without waiting (a session dropped without flush or close)."""
+        if self.thread is not None:
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(None)
+
     def close(self) -> None:
         """Finish every queued chunk and stop the thread."""
         if self.thread is not None and self.thread.is_alive():
@@ -470,6 +478,7 @@ class StreamingAvatar:
             self.vae, decode_cache, self.vae_device, cfg.decode_latents_per_call, cfg.threaded, cfg.max_pending_chunks
         )
         self._decoder.submit(self.z_ref, skip=1, timing=None)  # primes the causal decoder; its 1 frame is dropped
+        weakref.finalize(self, self._decoder.stop)  # a session dropped without flush/close ends its thread
         self._setup_s = time.perf_counter() - start
         self._generator = torch.Generator().manual_seed(cfg.seed)
 
