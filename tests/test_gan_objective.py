@@ -248,3 +248,56 @@ def test_penalties_on_the_tiny_discriminator():
         ]
     assert errors[1] < errors[0], errors
     assert errors[1] < 0.05 * float(target), (errors, float(target))
+
+
+def test_gan_pulls_a_shifted_generator_onto_the_data():
+    """End to end on a toy problem: real clips are N(0, I) latents, the generator adds a learnable per-channel
+    offset (|b| = 4 at the start). Alternating D steps (relativistic loss + exact R1/R2) and G steps (D frozen),
+    with real and fake noised at the same sigma with the same noise, remove the offset."""
+    torch.manual_seed(0)
+    backbone = AvatarDiT(DiTConfig.from_preset("tiny", audio_attention=False))
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    disc = ConsistencyAwareDiscriminator.from_backbone(backbone)
+    for m in disc.unused_modules():
+        m.requires_grad_(False)
+    d_params = [p for p in disc.parameters() if p.requires_grad]
+    offset = torch.nn.Parameter(torch.full((16,), 1.0))
+    opt_d = torch.optim.Adam(d_params, lr=1e-3, betas=(0.0, 0.99))
+    opt_g = torch.optim.Adam([offset], lr=4e-2, betas=(0.0, 0.99))
+    b, f, h = 8, 3, 2
+    start = float(offset.detach().norm())
+    for _ in range(50):
+        ref = torch.randn(b, 16, 1, h, h)
+        real = torch.cat([ref, torch.randn(b, 16, f - 1, h, h)], dim=2)
+        fake = torch.cat([ref, torch.randn(b, 16, f - 1, h, h) + offset.view(1, -1, 1, 1, 1)], dim=2)
+        sigma = torch.rand(b) * 0.6 + 0.2
+        sigma = torch.cat([torch.zeros(b, 1), sigma[:, None].expand(b, f - 1)], dim=1)
+        noise = torch.randn_like(real)
+        s = sigma[:, None, :, None, None]
+        x_real, x_fake = (1 - s) * real + s * noise, (1 - s) * fake + s * noise
+        # discriminator step on the detached fake
+        g_real = x_real[:, :, 1:].detach().requires_grad_()
+        g_fake = x_fake[:, :, 1:].detach().requires_grad_()
+        with double_backward_attention():
+            out_r = disc(torch.cat([x_real[:, :, :1], g_real], dim=2), sigma)
+            out_f = disc(torch.cat([x_fake[:, :, :1].detach(), g_fake], dim=2), sigma)
+            loss_d = discriminator_loss(out_r, out_f)
+            loss_d = loss_d + gradient_penalty(discriminator_score(out_r), g_real, 0.1)
+            loss_d = loss_d + gradient_penalty(discriminator_score(out_f), g_fake, 0.1)
+        opt_d.zero_grad()
+        loss_d.backward()
+        opt_d.step()
+        # generator step through the frozen discriminator
+        for p in d_params:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            out_r = disc(x_real, sigma)
+        loss_g = generator_loss(out_r, disc(x_fake, sigma))
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        for p in d_params:
+            p.requires_grad_(True)
+    assert float(offset.detach().norm()) < 0.2 * start, (float(offset.detach().norm()), start)
