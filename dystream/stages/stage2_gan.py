@@ -42,8 +42,10 @@ gets no useful signal.
 
 Validation (SpeakerVid batches with video): the EMA student's few-step sample from the batch's reference and
 audio (fixed noise) against the real window: ``val/psnr`` of the decoded frames (data range 2), ``val/latent_mse``,
-``val/latent_fd`` (Fréchet distance between the sets of generated and real latent frames, one flattened latent
-per frame, per rank then averaged) and ``val/d_acc`` of the current discriminator at a fixed sigma.
+``val/latent_fd`` (Fréchet distance between the sets of generated and real latent frames, one feature per frame
+from stage 1's :func:`~dystream.stages.student.frame_features`, per rank then averaged) and ``val/d_acc`` of the
+current discriminator at a fixed sigma. PSNR against the real window rewards reproducing *this* clip's motion,
+which the audio only partly determines; it is bounded by the VAE's reconstruction PSNR.
 
 Hand-over: ``<export_dir>/student.safetensors`` (EMA student, written at every checkpoint save).
 """
