@@ -1,4 +1,4 @@
-"""Shared test setup: CPU only, few threads (CI has 2 cores), deterministic seeds."""
+"""Shared test setup: CPU only, one torch thread (tiny presets), deterministic seeds."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is as fast and never oversubscribes a shared machine
 
 
 @pytest.fixture(autouse=True)
