@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from dystream.diffusion.rollout import CacheWrite, RenoiseMode, student_rollout
 from dystream.models.dit import AvatarDiT
+from dystream.scale import exports_during_training, loads_state_before_hooks
 from dystream.stages.conditioning import AvatarConditioner, build_dit
 from dystream.zoo.files import save_model
 
@@ -59,8 +60,18 @@ def build_student(weights: str, cond: AvatarConditioner, overrides: dict[str, An
 
 @contextmanager
 def frozen(*modules: nn.Module):
-    """Parameters of ``modules`` get no gradient inside the block (restored afterwards)."""
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    """Parameters of ``modules`` get no gradient inside the block (restored afterwards).
+
+    Parameters held by FSDP units are left as they are: FSDP fixes at each forward which hooks a unit needs, and a
+    flag changed in between breaks its end of backward. They get a gradient, which is wasted work but harmless: every
+    update zeroes its own optimizer's gradients before its backward (docs/scaling.md).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    sharded = {
+        id(p) for m in modules for u in m.modules() if isinstance(u, FullyShardedDataParallel) for p in u.parameters()
+    }
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters() if id(p) not in sharded]
     for p, _ in flags:
         p.requires_grad_(False)
     try:
@@ -186,14 +197,19 @@ class StudentStage(L.LightningModule):
     # -- checkpoints and hand-over -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # frozen networks come from their files at construction; keeping them out of every checkpoint
-        # saves a full teacher copy at scale
-        prefixes = tuple(f"{name}." for name in self.frozen_networks)
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(prefixes)]:
-            del state[key]
-        self.export()
+        # saves a full teacher copy at scale. FSDP and DeepSpeed load a checkpoint strictly before this
+        # module's hooks run, so there they stay in (a shard per rank) (docs/scaling.md)
+        if not loads_state_before_hooks(self._trainer.strategy if self._trainer is not None else None):
+            prefixes = tuple(f"{name}." for name in self.frozen_networks)
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith(prefixes)]:
+                del state[key]
+        if exports_during_training(self):  # sharded parameters: `dystream consolidate` writes the export
+            self.export()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if loads_state_before_hooks(self._trainer.strategy if self._trainer is not None else None):
+            return  # already loaded, frozen networks included
         state = checkpoint.setdefault("state_dict", {})
         for name in self.frozen_networks:
             for key, value in getattr(self, name).state_dict().items():
