@@ -10,6 +10,7 @@ from test_stage1_common import files, record_pairs  # noqa: F401  (files is a fi
 
 from dystream.datamodules.ode_pairs import ODEPairDataModule
 from dystream.stages.stage1_ode import ODEInitStage
+from dystream.stages.student import teacher_distances
 from dystream.zoo.files import load_model
 
 
@@ -121,6 +122,15 @@ def test_fit_checkpoints_exports_and_resumes(files, pairs, tmp_path):  # noqa: F
     for a, b in zip(exported.state_dict().values(), stage.ema.shadow.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert exported.config.chunk_frames == 3 and exported.config.rapr
+
+    # the offline comparison: the teacher re-sampled from the recorded noise with the recorded step count
+    # reproduces the recorded samples (distance 0), which anchors the students' numbers
+    result = teacher_distances(
+        {"ode": str(tmp_path / "student.safetensors")}, str(pairs), teacher=files["teacher"], fresh_samples=1
+    )
+    assert set(result) == {"ode", "teacher@3"}
+    assert result["teacher@3"]["mse"] < 1e-10 and result["teacher@3"]["fd"] > 0  # fresh noise: a sampling floor
+    assert result["ode"]["mse"] > 0 and result["ode"]["fd"] > 0
 
     resumed = _stage(files, export_dir=str(tmp_path), ema_decay=0.5)
     t = trainer(2)
