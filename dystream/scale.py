@@ -521,6 +521,7 @@ class Networks:
     """Parameter counts of a stage's networks (meta-device builds of the presets)."""
 
     dit: int
+    dit_without_audio: int  # the Wan2.2 layout alone (audio_attention=False)
     vae: int
     audio: int
     discriminator_heads: int  # Q-Formers and heads on top of the discriminator's backbone copy
@@ -539,39 +540,51 @@ def count_parameters(dit_preset: str, vae_preset: str, audio_preset: str, d_pres
         z = vae.config.latent_channels
         dit_config = DiTConfig.from_preset(dit_preset, in_channels=z, out_channels=z, audio_dim=audio.feature_dim)
         dit = AvatarDiT(dit_config)
+        plain = AvatarDiT(dataclasses.replace(dit_config, audio_attention=False))
         disc = ConsistencyAwareDiscriminator(DiscriminatorConfig.from_preset(d_preset, backbone=dit_config))
 
     def n(m: nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())
 
-    return Networks(dit=n(dit), vae=n(vae), audio=n(audio), discriminator_heads=n(disc) - n(disc.backbone))
+    return Networks(
+        dit=n(dit),
+        dit_without_audio=n(plain),
+        vae=n(vae),
+        audio=n(audio),
+        discriminator_heads=n(disc) - n(disc.backbone),
+    )
 
 
 @dataclasses.dataclass
 class ActivationModel:
-    """Activation bytes saved for backward by one DiT forward with gradient, measured per token.
+    """Activation bytes one DiT forward with gradient saves for backward, per latent frame of a given token grid.
 
-    ``per_token_block``: bytes per token per AvatarBlock; ``per_token_stem``: embeddings and head;
-    ``per_token_input``: one block's input (what per-block activation checkpointing keeps).
+    ``per_frame_block``: bytes per latent frame per AvatarBlock; ``per_frame_stem``: the embeddings and head;
+    ``per_frame_input``: one block's input (all that per-block activation checkpointing keeps of a block).
     """
 
-    per_token_block: float
-    per_token_stem: float
-    per_token_input: float
+    per_frame_block: float
+    per_frame_stem: float
+    per_frame_input: float
     num_layers: int
+    tokens_per_frame: int
 
-    def bytes(self, tokens: int, checkpointing: bool) -> float:
+    def bytes(self, frames: int, checkpointing: bool) -> float:
         if checkpointing:  # block inputs of every layer, plus one block's internals while it is recomputed
-            return tokens * (self.num_layers * self.per_token_input + self.per_token_block + self.per_token_stem)
-        return tokens * (self.num_layers * self.per_token_block + self.per_token_stem)
+            return frames * (self.num_layers * self.per_frame_input + self.per_frame_block + self.per_frame_stem)
+        return frames * (self.num_layers * self.per_frame_block + self.per_frame_stem)
 
 
-def measure_activations(dit_preset: str, latent_channels: int, audio_dim: int) -> ActivationModel:
-    """Saved-tensor bytes of a real-width one-block DiT in bf16 at two token counts (CPU, uninitialised weights).
+def measure_activations(
+    dit_preset: str, latent_channels: int, audio_dim: int, grid: tuple[int, int]
+) -> ActivationModel:
+    """Saved-tensor bytes of a real-width one-block DiT under bf16 autocast, on the real token grid (CPU).
 
-    The bytes depend only on shapes, so the weights are left uninitialised; the block's share is told apart from the
-    embeddings and head by hooks around the block. Two frame counts give the per-token slope (the text context's
-    keys and values are a per-sample constant, small next to the video tokens, and kept in the slope's intercept).
+    ``grid`` is the latent (h, w) of one frame. The forward runs twice, on 2 and 3 latent frames, and the difference
+    is the cost of one latent frame (per-sample constants such as the text context's keys and values cancel out).
+    The bytes depend only on shapes, so the weights are random; hooks around the block tell its share apart from
+    the embeddings and head. The model upcasts its norms and modulations itself, so CPU and CUDA autocast save
+    nearly the same tensors; the attention kernel's own extras (e.g. flash attention's log-sum-exp) may differ.
     """
     from dystream.models.dit import AvatarDiT, DiTConfig
 
@@ -580,54 +593,49 @@ def measure_activations(dit_preset: str, latent_channels: int, audio_dim: int) -
     )
     with torch.device("meta"):
         model = AvatarDiT(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = model.to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    context = torch.zeros(config.text_len, config.text_dim, dtype=torch.bfloat16)
     if not config.learned_text_context:
-        model.set_text_context(context)
-    ph, pw = config.patch_size[1:]
-    h, w = 2 * ph, 2 * pw  # 4 tokens per latent frame
-    counts = []
+        model.set_text_context(torch.zeros(config.text_len, config.text_dim))
+    h, w = grid
+    saved = {}
     for frames in (2, 3):
-        inside = [False]
-        saved = {"block": 0, "stem": 0}
+        inside, counts = [False], {"block": 0, "stem": 0}
 
-        def pack(t: Tensor, inside: list[bool] = inside, saved: dict[str, int] = saved) -> Tensor:
-            saved["block" if inside[0] else "stem"] += t.numel() * t.element_size()
+        def pack(t: Tensor, inside: list[bool] = inside, counts: dict[str, int] = counts) -> Tensor:
+            counts["block" if inside[0] else "stem"] += t.numel() * t.element_size()
             return t
 
         hooks = [
             model.blocks[0].register_forward_pre_hook(lambda *_, inside=inside: inside.__setitem__(0, True)),
             model.blocks[0].register_forward_hook(lambda *_, inside=inside: inside.__setitem__(0, False)),
         ]
-        x = torch.zeros(1, latent_channels, frames, h, w, dtype=torch.bfloat16, requires_grad=True)
+        x = torch.zeros(1, latent_channels, frames, h, w, requires_grad=True)
         sigma = torch.full((1, frames), 0.5)
-        audio = torch.zeros(1, config.frames_per_latent * (frames - 1), audio_dim, dtype=torch.bfloat16)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x, sigma, audio + 1, audio + 1, attention="bidirectional")
+        audio = torch.ones(1, config.frames_per_latent * (frames - 1), audio_dim)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x, sigma, audio, audio, attention="bidirectional")
         for hook in hooks:
             hook.remove()
-        counts.append((frames * 4, saved["block"], saved["stem"]))
-    (t0, b0, s0), (t1, b1, s1) = counts
+        saved[frames] = counts
+    tokens = (h // config.patch_size[1]) * (w // config.patch_size[2])
     return ActivationModel(
-        per_token_block=(b1 - b0) / (t1 - t0),
-        per_token_stem=(s1 - s0) / (t1 - t0),
-        per_token_input=config.dim * 2,  # the block input [tokens, dim] in bf16
+        per_frame_block=saved[3]["block"] - saved[2]["block"],
+        per_frame_stem=saved[3]["stem"] - saved[2]["stem"],
+        per_frame_input=tokens * config.dim * 2,  # the block input [tokens, dim] in bf16
         num_layers=DiTConfig.from_preset(dit_preset).num_layers,
+        tokens_per_frame=tokens,
     )
 
 
-def _tokens(vae_preset: str, dit_preset: str, frames: int, geometry: Geometry) -> tuple[int, int]:
-    """(tokens per latent frame, latent frames) of a window of ``frames`` video frames plus the reference frame."""
-    from dystream.models.dit import DiTConfig
+def _latents(vae_preset: str, frames: int, geometry: Geometry) -> tuple[int, tuple[int, int]]:
+    """(latent frames, latent grid) of a window of ``frames`` video frames plus the reference frame."""
     from dystream.models.vae import VAEConfig
 
-    vae = VAEConfig.from_preset(vae_preset)
-    _, f, h, w = vae.latent_shape(1 + frames, geometry.height, geometry.width)
-    _, ph, pw = DiTConfig.from_preset(dit_preset).patch_size
-    return (h // ph) * (w // pw), f
+    _, f, h, w = VAEConfig.from_preset(vae_preset).latent_shape(1 + frames, geometry.height, geometry.width)
+    return f, (h, w)
 
 
 @dataclasses.dataclass
@@ -661,7 +669,7 @@ def _stage_networks(stage: str, nets: Networks) -> tuple[list[int], list[int]]:
     raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
 
 
-def _activation_bytes(stage: str, act: ActivationModel, teacher_tokens: int, student_tokens: int, ckpt: bool) -> float:
+def _activation_bytes(stage: str, act: ActivationModel, teacher_frames: int, student_frames: int, ckpt: bool) -> float:
     """Activations kept for backward in the heaviest update of a stage, per sample.
 
     teacher: one bidirectional forward. ODE init: one block-causal forward of the student window. SiD generator
@@ -671,13 +679,13 @@ def _activation_bytes(stage: str, act: ActivationModel, teacher_tokens: int, stu
     backbone); exact R1/R2 penalties (double backward) need more, the finite-difference variant does not.
     """
     per = {
-        "teacher": (teacher_tokens, 1),
-        "stage1_ode": (student_tokens, 1),
-        "stage1_sid": (student_tokens, 4),
-        "stage2_gan": (student_tokens, 3),
+        "teacher": (teacher_frames, 1),
+        "stage1_ode": (student_frames, 1),
+        "stage1_sid": (student_frames, 4),
+        "stage2_gan": (student_frames, 3),
     }
-    tokens, forwards = per[stage]
-    return forwards * act.bytes(tokens, ckpt)
+    frames, forwards = per[stage]
+    return forwards * act.bytes(frames, ckpt)
 
 
 def memory_rows(
@@ -702,15 +710,16 @@ def memory_rows(
     g = geometry or Geometry()
     nets = count_parameters(dit_preset, vae_preset, audio_preset, d_preset)
     dit_config = DiTConfig.from_preset(dit_preset)
+    t_frames, grid = _latents(vae_preset, g.teacher_frames, g)
+    s_frames, _ = _latents(vae_preset, g.student_frames, g)
     if activations is None:
         from dystream.models.audio import AudioEncoderConfig
         from dystream.models.vae import VAEConfig
 
         z = VAEConfig.from_preset(vae_preset).latent_channels
-        activations = measure_activations(dit_preset, z, AudioEncoderConfig.from_name(audio_preset).hidden_size)
-    per_frame, t_frames = _tokens(vae_preset, dit_preset, g.teacher_frames, g)
-    _, s_frames = _tokens(vae_preset, dit_preset, g.student_frames, g)
-    teacher_tokens, student_tokens = per_frame * t_frames, per_frame * s_frames
+        audio_dim = AudioEncoderConfig.from_name(audio_preset).hidden_size
+        activations = measure_activations(dit_preset, z, audio_dim, grid)
+    per_frame = activations.tokens_per_frame
     layout = dit_config.layout
     cache_frames = 1 + layout.sink_chunks * layout.chunk_frames + (layout.window_frames or s_frames)
     kv_bytes = 2 * dit_config.num_layers * cache_frames * per_frame * dit_config.dim * 2 * g.batch  # K and V, bf16
@@ -722,8 +731,8 @@ def memory_rows(
         trained, frozen = _stage_networks(stage, nets)
         n_trained, n_frozen = sum(trained), sum(frozen)
         n_cond = nets.vae + nets.audio
-        act_ckpt = g.batch * _activation_bytes(stage, activations, teacher_tokens, student_tokens, True)
-        act_full = g.batch * _activation_bytes(stage, activations, teacher_tokens, student_tokens, False)
+        act_ckpt = g.batch * _activation_bytes(stage, activations, t_frames, s_frames, True)
+        act_full = g.batch * _activation_bytes(stage, activations, t_frames, s_frames, False)
         kv = kv_bytes if stage in ("stage1_sid", "stage2_gan") else 0.0
         two_optimizers = len(trained) > 1
         for strategy in STRATEGIES:
@@ -749,17 +758,26 @@ def _meta_blocks(dit_preset: str, nets: Networks) -> list[nn.Module]:
         return [AvatarBlock(DiTConfig.from_preset(dit_preset))]
 
 
-def format_memory_table(rows: Sequence[MemoryRow], geometry: Geometry, nets: Networks) -> str:
-    """Markdown table in GiB per GPU."""
+def format_memory_table(
+    rows: Sequence[MemoryRow], geometry: Geometry, nets: Networks, vae_preset: str, act: ActivationModel
+) -> str:
+    """Markdown table in GiB per GPU, with the counts and the clip it assumes."""
 
     def gib(v: float) -> str:
         return f"{v / GiB:.1f}"
 
+    t_frames, grid = _latents(vae_preset, geometry.teacher_frames, geometry)
+    s_frames, _ = _latents(vae_preset, geometry.student_frames, geometry)
     lines = [
-        f"Parameters (meta-device builds): DiT {nets.dit / 1e9:.2f} B, VAE {nets.vae / 1e6:.0f} M, audio encoder "
-        f"{nets.audio / 1e6:.0f} M, discriminator heads {nets.discriminator_heads / 1e6:.1f} M.",
-        f"Clip: {geometry.width}x{geometry.height}, teacher window {geometry.teacher_frames} frames, student window "
-        f"{geometry.student_frames} frames, {geometry.batch} sample(s) per GPU, {geometry.gpus} GPUs per model.",
+        f"Parameters (meta-device builds): DiT {nets.dit / 1e9:.2f} B ({nets.dit_without_audio / 1e9:.2f} B without "
+        f"the talk/listen audio attentions), VAE {nets.vae / 1e6:.0f} M, audio encoder {nets.audio / 1e6:.0f} M, "
+        f"discriminator heads {nets.discriminator_heads / 1e6:.1f} M.",
+        f"Clip: {geometry.width}x{geometry.height} -> {grid[0]}x{grid[1]} latents ({vae_preset}), "
+        f"{act.tokens_per_frame} tokens per latent frame; teacher window {geometry.teacher_frames} frames "
+        f"({t_frames} latent frames), student window {geometry.student_frames} frames ({s_frames}); "
+        f"{geometry.batch} sample(s) per GPU, {geometry.gpus} GPUs per model (FSDP, ZeRO).",
+        f"Activations measured: {act.per_frame_block / 2**20:.1f} MiB per latent frame per block without "
+        f"checkpointing, {act.per_frame_input / 2**20:.2f} MiB with (the block input).",
         "",
         "| stage | strategy | params | grads | optimizer | activations (AC / none) | KV cache | total (AC) | note |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -780,9 +798,16 @@ def memory_table(
     geometry: Geometry | None = None,
 ) -> str:
     """The memory table of docs/scaling.md as markdown (GiB per GPU)."""
+    from dystream.models.audio import AudioEncoderConfig
+    from dystream.models.vae import VAEConfig
+
     geometry = geometry or Geometry()
-    rows = memory_rows(dit_preset, vae_preset, audio_preset, d_preset, geometry)
-    return format_memory_table(rows, geometry, count_parameters(dit_preset, vae_preset, audio_preset, d_preset))
+    _, grid = _latents(vae_preset, geometry.teacher_frames, geometry)
+    z = VAEConfig.from_preset(vae_preset).latent_channels
+    act = measure_activations(dit_preset, z, AudioEncoderConfig.from_name(audio_preset).hidden_size, grid)
+    rows = memory_rows(dit_preset, vae_preset, audio_preset, d_preset, geometry, act)
+    nets = count_parameters(dit_preset, vae_preset, audio_preset, d_preset)
+    return format_memory_table(rows, geometry, nets, vae_preset, act)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
