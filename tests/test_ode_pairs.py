@@ -10,6 +10,7 @@ from test_stage1_common import WINDOW, files, prompt_batch, record_pairs  # noqa
 
 from dystream.datamodules.ode_pairs import (
     ODEPairDataModule,
+    ODEPromptDataModule,
     PairShardWriter,
     clip_noise_seed,
     read_pair_index,
@@ -147,3 +148,51 @@ def test_autoregressive_teacher_is_causal_across_chunks(files):  # noqa: F811
         teacher=files["teacher"], vae=files["vae"], audio=files["audio"], teacher_steps=3, guidance_scale=1.0
     ).record(batch)
     assert not torch.allclose(bidir["x0"][:, :, second], a["x0"][:, :, second])
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> str:
+    from dystream.datamodules.synthetic import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, clips=6, val_clips=3, size=64, seconds=1.2, seed=0, shard_samples=2, workers=1)
+    return str(root)
+
+
+def _prompts(clips: str, **kw) -> ODEPromptDataModule:
+    args = dict(
+        train_shards=f"{clips}/train",
+        val_shards=f"{clips}/val",
+        window_frames=WINDOW,
+        size=64,
+        batch_size=2,
+        num_workers=0,
+        synthesize_if_missing=False,
+    )
+    dm = ODEPromptDataModule(**(args | kw))
+    dm.setup("predict")
+    return dm
+
+
+def _windows(loader) -> list[tuple[str, int, str]]:
+    return [(k, s, batch["split"]) for batch in loader for k, s in zip(batch["key"], batch["start"], strict=True)]
+
+
+def test_prompt_loaders_are_deterministic_capped_and_split_across_ranks(clips, monkeypatch):
+    train, val = _prompts(clips, num_clips=5).predict_dataloader()
+    first = _windows(train)
+    assert len(first) == 5 and len({k for k, _, _ in first}) == 5 and {s for _, _, s in first} == {"train"}
+    assert _windows(train) == first  # window positions are seeded by the clip key
+    assert [s for _, _, s in _windows(val)] == ["val"] * 3
+    batch = next(iter(train))
+    assert batch["references"].shape == (2, 1, 3, 64, 64) and batch["audio_self"].shape == (2, WINDOW * 640)
+    # two ranks x two workers: disjoint windows that together are the same first five clips
+    seen = []
+    for rank in range(2):
+        for worker in range(2):
+            for name, value in (("RANK", rank), ("WORLD_SIZE", 2), ("WORKER", worker), ("NUM_WORKERS", 2)):
+                monkeypatch.setenv(name, str(value))
+            seen += _windows(_prompts(clips, num_clips=5).predict_dataloader()[0])
+    assert sorted(seen) == sorted(first)
+    with pytest.raises(ValueError, match="num_clips"):
+        _prompts(clips, num_clips=-1)

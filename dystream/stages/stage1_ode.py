@@ -33,6 +33,7 @@ from dystream.diffusion.schedule import student_sigmas
 from dystream.objectives.ode_regression import gather_chunk_states, ode_regression_loss
 from dystream.stages.common import EMA
 from dystream.stages.conditioning import AvatarConditioner
+from dystream.stages.ode_pairs import pad_audio
 from dystream.stages.student import StudentStage, build_student
 
 OdeContext = Literal["noisy", "clean"]
@@ -114,9 +115,8 @@ class ODEInitStage(StudentStage):
             hi = lo + chunk
             x_in = torch.cat([x0[:, :, :lo], x_t[:, :, lo:hi]], dim=2)
             s_in = torch.cat([torch.zeros_like(sigma[:, :lo]), sigma[:, lo:hi]], dim=1)
-            frames = 4 * (hi - 1) + look
-            t_in = torch.nn.functional.pad(talk[:, :frames], (0, 0, 0, frames - min(frames, talk.shape[1])))
-            l_in = torch.nn.functional.pad(listen[:, :frames], (0, 0, 0, frames - min(frames, listen.shape[1])))
+            frames = 4 * (hi - 1) + look  # the prefix's audio and the look-ahead the stream would have
+            t_in, l_in = pad_audio(talk, frames), pad_audio(listen, frames)
             parts.append(self.student(x_in, s_in, t_in, l_in, attention="block_causal")[:, :, lo:hi])
         return torch.cat(parts, dim=2)
 
