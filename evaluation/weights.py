@@ -46,6 +46,7 @@ class MetricWeightsSpec:
     sha256: str | None = None
     sha256_prefix: str | None = None
     note: str = ""
+    provide: str = ""  # how to get a file that is not published (our synthetic metric networks are trained here)
 
 
 # name -> spec. Sources: notes/metrics.md §1.1 (FID), §2.1 (FVD), §3.1 (SyncNet), §4.1 (DWPose).
@@ -86,6 +87,23 @@ METRIC_WEIGHTS: dict[str, MetricWeightsSpec] = {
             metric="HKC / HKV / LBKV / LHKV / LFKV (133-keypoint whole-body pose)",
             origin="https://huggingface.co/yzd-v/DWPose (dw-ll_ucoco_384.onnx)",
         ),
+        MetricWeightsSpec(
+            name="metric_syncnet",
+            filename="syncnet.safetensors",
+            metric="Sync-C / Sync-D and FD-sync on the synthetic world",
+            origin="not published: trained on the synthetic world by recipes/metric_syncnet.yaml",
+            provide="Train it with `dystream fit --config recipes/metric_syncnet.yaml` (a few minutes on a CPU; "
+            "`make eval` does this first), or pass another file with --syncnet / the `syncnet` field of "
+            "recipes/eval.yaml",
+        ),
+        MetricWeightsSpec(
+            name="metric_pose",
+            filename="pose.safetensors",
+            metric="HKC / HKV / LBKV / LHKV / LFKV and FD-pose on the synthetic world",
+            origin="not published: trained on the synthetic world by recipes/metric_pose.yaml",
+            provide="Train it with `dystream fit --config recipes/metric_pose.yaml` (a few minutes on a CPU; "
+            "`make eval` does this first), or pass another file with --pose / the `pose` field of recipes/eval.yaml",
+        ),
     )
 }
 
@@ -109,11 +127,14 @@ class MetricWeightsMissing(MetricUnavailable, FileNotFoundError):
         origin = f" It is published at {spec.origin}." if spec else ""
         self.name = name
         self.reason = reason
-        super().__init__(
-            f"metric weights '{filename}'{metric} unavailable: {reason}.{origin} Provide the file with the path "
-            f"argument of the loader (the zoo command `dystream zoo import {name} PATH` will register it once it "
-            f"exists); nothing is downloaded at run time."
-        )
+        if spec is not None and spec.provide:
+            how = f" {spec.provide}; nothing is downloaded at run time."
+        else:
+            how = (
+                f"{origin} Provide the file with the path argument of the loader (the zoo command `dystream zoo "
+                f"import {name} PATH` will register it once it exists); nothing is downloaded at run time."
+            )
+        super().__init__(f"metric weights '{filename}'{metric} unavailable: {reason}.{how}")
 
 
 class MetricDependencyMissing(MetricUnavailable, ImportError):

@@ -29,6 +29,8 @@ ARCHITECTURES: dict[str, str] = {
     "dit": "dystream.models.dit:AvatarDiT:DiTConfig",
     "vae": "dystream.models.vae:ReferenceGuidedVAE:VAEConfig",
     "audio": "dystream.models.audio:AudioEncoder:AudioEncoderConfig",
+    "metric_syncnet": "dystream.evaluation.networks.syncnet_small:SmallSyncNet:SmallSyncNetConfig",
+    "metric_pose": "dystream.evaluation.networks.pose_small:PoseRegressor:PoseRegressorConfig",
 }
 
 
