@@ -1,0 +1,324 @@
+"""`dystream eval`: generate the evaluation set with every model of a recipe and write the benchmark tables.
+
+    dystream eval --config recipes/eval.yaml [--out docs/results] [--clips 16] [--device cpu]
+
+The recipe (`recipes/eval.yaml`) fixes the evaluation set (the first `clips.count` clips of `clips.shards`, in shard
+order; of each, frame `clips.reference_frame` is the reference image and the last `clips.frames` frames are the
+evaluated window, with their audio and speaking mask), the metric networks and protocol (`metrics`, the fields of
+`dystream.evaluation.suite.SuiteConfig`) and the models (`models`, the fields of
+`dystream.evaluation.generation.ModelSpec`). Rows:
+
+- "Ground truth": the real clips (the real set every Fréchet distance compares with);
+- "Ground truth (exact keypoints)": keypoint metrics from the synthetic world's exact keypoints instead of the pose
+  network (shows what the network adds or loses);
+- "Ground truth, shuffled audio": the real clips scored against another clip's voice (clip i with clip i + 1's audio):
+  the Sync-C/D floor of a video that ignores its audio;
+- one row per model. A model whose export is missing is an n/a row naming the file and the recipe that makes it; it
+  never triggers training.
+A metric whose network is missing is "n/a (reason)" (`MetricUnavailable`), never a number from random weights. The
+tables go to `<out>/results.md`, `<out>/table*.csv` and `<out>/results.json` (`dystream.evaluation.tables`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dystream.evaluation.generation import ModelSpec
+from dystream.evaluation.suite import NA, EvalVideo, MetricSuite, SuiteConfig
+from dystream.evaluation.tables import Row, write_tables
+
+HELP = "generate the evaluation set with each model of recipes/eval.yaml and write the benchmark tables"
+
+DEFAULT_CONFIG = "recipes/eval.yaml"
+
+
+@dataclass
+class ClipsConfig:
+    """The evaluation set.
+
+    Args:
+        shards: validation shards (a folder with index.json, a brace pattern or a tar).
+        count: clips evaluated: the first `count` in shard order (fewer if the shards hold fewer).
+        frames: evaluated frames per clip (the clip's last `frames` frames); students need a multiple of 4 x chunk.
+        reference_frame: the frame used as the reference image (must lie before the evaluated window).
+    """
+
+    shards: str = "data/synthetic/val"
+    count: int = 16
+    frames: int = 96
+    reference_frame: int = 0
+
+    def __post_init__(self) -> None:
+        if self.count < 2:
+            raise ValueError(f"eval clips.count must be >= 2 (shuffled audio pairs clips), got {self.count}")
+        if self.frames < 6:
+            raise ValueError(f"eval clips.frames must be >= 6 (one SyncNet window), got {self.frames}")
+        if self.reference_frame < 0:
+            raise ValueError(f"eval clips.reference_frame must be >= 0, got {self.reference_frame}")
+
+
+@dataclass
+class EvalConfig:
+    clips: ClipsConfig = field(default_factory=ClipsConfig)
+    metrics: SuiteConfig = field(default_factory=SuiteConfig)
+    models: list[ModelSpec] = field(default_factory=list)
+    out: str = "docs/results"
+    seed: int = 0
+    batch_size: int = 4
+    device: str = "cpu"
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+def load_config(path: str | Path) -> EvalConfig:
+    """Parse and validate an eval recipe; errors name the file and the field."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"eval recipe {str(p)!r} not found (the default is {DEFAULT_CONFIG})")
+    doc = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{p}: the recipe must be a mapping")
+    top = {f.name for f in dataclasses.fields(EvalConfig)}
+    unknown = sorted(set(doc) - top)
+    if unknown:
+        raise ValueError(f"{p}: unknown field(s) {unknown}; known: {sorted(top)}")
+    models = doc.get("models") or []
+    if not isinstance(models, list):
+        raise ValueError(f"{p}: models must be a list")
+    names = [m.get("name") if isinstance(m, dict) else None for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{p}: model names must be unique, got {names}")
+    return EvalConfig(
+        clips=_build(ClipsConfig, doc.get("clips"), f"{p}: clips"),
+        metrics=_build(SuiteConfig, doc.get("metrics"), f"{p}: metrics"),
+        models=[_build(ModelSpec, m, f"{p}: models[{i}]") for i, m in enumerate(models)],
+        out=str(doc.get("out", "docs/results")),
+        seed=int(doc.get("seed", 0)),
+        batch_size=int(doc.get("batch_size", 4)),
+        device=str(doc.get("device", "cpu")),
+    )
+
+
+@dataclass
+class EvalClips:
+    keys: list[str]
+    frames: np.ndarray  # uint8 [N, T, H, W, 3]
+    references: np.ndarray  # uint8 [N, H, W, 3]
+    audio_self: np.ndarray  # float32 [N, T * 640]
+    audio_other: np.ndarray
+    masks: np.ndarray  # [N, T]
+    kpts: list[np.ndarray | None]
+
+    def videos(self, frames: list[np.ndarray] | np.ndarray | None = None, audio_shift: int = 0) -> list[EvalVideo]:
+        """EvalVideos of `frames` (default: the real clips); audio_shift k scores clip i against clip i + k's voice."""
+        frames = self.frames if frames is None else frames
+        n = len(self.keys)
+        return [
+            EvalVideo(
+                key=self.keys[i],
+                frames=frames[i],
+                audio=self.audio_self[(i + audio_shift) % n],
+                mask=self.masks[(i + audio_shift) % n],
+                reference=self.references[i],
+                kpts=self.kpts[i],
+            )
+            for i in range(n)
+        ]
+
+
+def load_clips(cfg: ClipsConfig) -> EvalClips:
+    """The first `cfg.count` clips of `cfg.shards`, cut to their last `cfg.frames` frames."""
+    import os
+
+    from dystream.datamodules.format import read_shards, resolve_shards, sample_to_clip
+    from dystream.datamodules.speakervid import DEFAULT_VAL_SHARDS, synthesize_default
+
+    if os.path.normpath(cfg.shards) == os.path.normpath(DEFAULT_VAL_SHARDS) and not Path(cfg.shards).is_dir():
+        # the embedded default, as the DataModule writes it on a fresh machine (64x64, seed 0)
+        synthesize_default(Path(DEFAULT_VAL_SHARDS).parent, size=64, seed=0)
+    shards = resolve_shards(cfg.shards)
+    clips = []
+    for sample in read_shards(shards.urls):
+        clips.append(sample_to_clip(sample))
+        if len(clips) == cfg.count:
+            break
+    if len(clips) < 2:
+        raise ValueError(f"{cfg.shards}: {len(clips)} clip(s); the evaluation needs at least 2")
+    sizes = {c.video.shape[1:] for c in clips}
+    if len(sizes) != 1:
+        raise ValueError(f"{cfg.shards}: clips of different sizes {sorted(sizes)}; evaluate one resolution at a time")
+    t = cfg.frames
+    out: dict[str, list] = {k: [] for k in ("frames", "refs", "self", "other", "masks", "kpts")}
+    for c in clips:
+        start = c.n_frames - t
+        if start <= cfg.reference_frame:
+            raise ValueError(
+                f"{cfg.shards}: clip {c.key} has {c.n_frames} frames; {t} evaluated frames after reference frame "
+                f"{cfg.reference_frame} need at least {t + cfg.reference_frame + 1} (lower clips.frames)"
+            )
+        out["frames"].append(c.video[start:])
+        out["refs"].append(c.video[cfg.reference_frame])
+        out["self"].append(c.audio_self[start * 640 :])
+        out["other"].append(c.audio_other[start * 640 :])
+        out["masks"].append(c.mask[start:].astype(np.float32))
+        out["kpts"].append(None if c.kpts is None else c.kpts[start:])
+    return EvalClips(
+        keys=[c.key for c in clips],
+        frames=np.stack(out["frames"]),
+        references=np.stack(out["refs"]),
+        audio_self=np.stack(out["self"]),
+        audio_other=np.stack(out["other"]),
+        masks=np.stack(out["masks"]),
+        kpts=out["kpts"],
+    )
+
+
+KEYPOINT_KEYS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv")
+SYNC_KEYS = ("sync_c", "sync_d")
+
+
+def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
+    """Run the whole evaluation: (rows, protocol notes, meta)."""
+    from dystream.evaluation.generation import generate
+
+    device = torch.device(cfg.device)
+    suite = MetricSuite(cfg.metrics, device=device)
+    for name, reason in suite.unavailable.items():
+        log(f"eval: {name} metrics n/a ({reason})")
+    clips = load_clips(cfg.clips)
+    n, t = len(clips.keys), cfg.clips.frames
+    res = f"{clips.frames.shape[3]}x{clips.frames.shape[2]}"
+    log(f"eval: {n} clips x {t} frames ({res}) from {cfg.clips.shards}")
+
+    gt = suite.evaluate(clips.videos())
+    real = gt.features
+    for k in ("fid", "fvd", "fd_pose", "fd_sync"):
+        gt.values[k] = suite.na(k)  # the real set itself: "—" (or why the metric is unavailable)
+    rows = [Row("Ground truth", "ground_truth", gt.values, resolution=res)]
+    exact = suite.evaluate(clips.videos(), exact_keypoints=True) if all(k is not None for k in clips.kpts) else None
+    if exact is not None:
+        rows.append(Row("Ground truth (exact keypoints)", "ground_truth_exact_keypoints",
+                        {k: exact.values[k] for k in KEYPOINT_KEYS}, resolution=res))  # fmt: skip
+    shuffled = suite.evaluate(clips.videos(audio_shift=1))
+    rows.append(Row("Ground truth, shuffled audio", "shuffled_audio",
+                    {k: shuffled.values[k] for k in SYNC_KEYS}, resolution=res))  # fmt: skip
+
+    for spec in cfg.models:
+        missing = spec.missing()
+        if missing:
+            how = f" (make train RECIPE={spec.recipe})" if spec.recipe else ""
+            reason = NA(f"{', '.join(missing)} not found: no {spec.name} export{how}")
+            log(f"eval: {spec.name}: {reason}")
+            values = {k: reason for k in (*suite_keys(), "fid", "fvd")}
+            rows.append(Row(spec.name, spec.kind, values, steps=spec.steps, resolution=res, time_per_5s=reason))
+            continue
+        log(f"eval: generating {n} clips with {spec.name} ({spec.weights})")
+        try:
+            out = generate(spec, clips.references, clips.audio_self, clips.audio_other, clips.masks,
+                           seed=cfg.seed, batch_size=cfg.batch_size, device=device)  # fmt: skip
+        except (RuntimeError, ValueError, OSError) as e:  # e.g. an export older than the model code
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = NA(f"{spec.name} could not generate ({type(e).__name__}: {first}); re-export it with "
+                        f"make train RECIPE={spec.recipe or '<its stage>'}")  # fmt: skip
+            log(f"eval: {spec.name}: {reason}")
+            values = {k: reason for k in (*suite_keys(), "fid", "fvd")}
+            rows.append(Row(spec.name, spec.kind, values, steps=spec.steps, resolution=res, time_per_5s=reason))
+            continue
+        result = suite.evaluate(clips.videos(np.stack(out.videos)), real=real)
+        per5 = out.seconds_per_clip * (5 * 25) / t
+        rows.append(Row(spec.name, spec.kind, result.values, steps=out.steps, resolution=res, time_per_5s=per5))
+
+    nets = {k: (v.sha256[:12] if v else "given") for k, v in suite.weights.items()}
+    notes = [
+        f"{n} clips of {cfg.clips.shards} (first in shard order: {', '.join(clips.keys[:3])}"
+        f"{', ...' if n > 3 else ''}), "
+        f"the last {t} frames of each ({t / 25:.2f} s at 25 fps, {res}); reference image = frame "
+        f"{cfg.clips.reference_frame}; seed {cfg.seed}.",
+        "FD-pose / FD-sync: Fréchet distances of the synthetic pose network's per-frame embeddings / the synthetic "
+        "SyncNet's 5-frame lip-window embeddings, against the ground-truth row; they are not FID/FVD and only compare "
+        "rows of this table.",
+        f"Sync-C/D: synthetic SyncNet, syncnet_python protocol (face crops, MFCC, +-{cfg.metrics.vshift} frames), "
+        f"segments: {cfg.metrics.sync_segments}; face boxes from the {suite.box_source}. Not comparable with "
+        "SyncNet v2 numbers.",
+        "HKV, LBKV/LHKV/LFKV: keypoints of the synthetic pose network (dwpose134 layout, px^2 at a 512-pixel frame "
+        "height, tau 0.3, listening segments >= 25 frames); the exact-keypoints row uses the synthetic world's labels.",
+        f"Identity drift: RMS difference of 64x64 frames to the reference image in [0, 1] (pixel_rms_64: appearance, "
+        f"not identity), buckets of {cfg.metrics.drift_bucket_s:g} s, slope by least squares.",
+        f"Time: wall time per clip (audio features, DiT, VAE decode) scaled to 5 s of video, device {cfg.device} "
+        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), batch "
+        f"{cfg.batch_size}.",
+        "ASE/IQA (Q-Align) are not reported: no aesthetic / image-quality predictor is provided.",
+        f"Metric networks (sha256 prefix): {nets or 'none'}.",
+    ]
+    meta = {
+        "clips": clips.keys,
+        "frames": t,
+        "resolution": res,
+        "unavailable": suite.unavailable,
+        "weights": {k: (v.as_dict() if v else None) for k, v in suite.weights.items()},
+        "config": dataclasses.asdict(cfg),
+        "per_video": {"ground_truth": gt.per_video, "shuffled_audio": shuffled.per_video},
+    }
+    return rows, notes, meta
+
+
+def suite_keys() -> tuple[str, ...]:
+    from dystream.evaluation.suite import DRIFT_METRICS, VIDEO_METRICS
+
+    return (*VIDEO_METRICS, *DRIFT_METRICS, "fd_pose", "fd_sync")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="eval recipe (clips, metric networks, models)")
+    parser.add_argument("--out", default=None, help="output folder of the tables (default: the recipe's `out`)")
+    parser.add_argument("--clips", type=int, default=None, help="number of clips (default: the recipe's clips.count)")
+    parser.add_argument("--device", default=None, help="torch device (default: the recipe's `device`)")
+    parser.add_argument(
+        "--syncnet", default=None, help="synthetic SyncNet file (default: the recipe's metrics.syncnet)"
+    )
+    parser.add_argument("--pose", default=None, help="synthetic pose network file (default: the recipe's metrics.pose)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if args.out is not None:
+        cfg.out = args.out
+    if args.clips is not None:
+        cfg.clips = dataclasses.replace(cfg.clips, count=args.clips)
+    if args.device is not None:
+        cfg.device = args.device
+    if args.syncnet is not None:
+        cfg.metrics = dataclasses.replace(cfg.metrics, syncnet=args.syncnet)
+    if args.pose is not None:
+        cfg.metrics = dataclasses.replace(cfg.metrics, pose=args.pose)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows, notes, meta = evaluate(cfg)
+    paths = write_tables(rows, cfg.out, notes, meta)
+    print(Path(paths["md"]).read_text())
+    print(f"wrote {paths['md']}, {', '.join(paths['csv'])}, {paths['json']}")
+    return 0

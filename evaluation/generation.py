@@ -1,0 +1,191 @@
+"""Generating the evaluation set with each model of `recipes/eval.yaml` (teacher and students).
+
+- Teacher (bidirectional AvatarDiT): Euler integration of the flow ODE over `steps` shifted sigmas with audio CFG
+  (`dystream.diffusion.sampling.sample_euler`), the reference latent clean as frame 0, exactly as
+  `TeacherStage.sample` does it.
+- Students (block-causal): the few-step rollout through the KV cache (`dystream.diffusion.rollout.student_rollout`,
+  paper cache write "noisy"), with the sigmas the export records (`student_sigmas` in its metadata), chunk by chunk,
+  as a stream would produce it.
+Both decode with the frozen VAE of `dystream.stages.conditioning.AvatarConditioner` and take the audio conditions from
+its audio encoder (talk/listen routed by the speaking mask). Noise comes from a CPU generator seeded per clip, so a
+rerun gives the same videos. Time per clip is wall time from audio to decoded frames (feature extraction, DiT,
+VAE), reported scaled to 5 s of video.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["GeneratedSet", "ModelSpec", "clip_batch", "generate"]
+
+FPS = 25
+SAMPLES_PER_FRAME = 640
+
+
+@dataclass
+class ModelSpec:
+    """One generated row of the tables.
+
+    Args:
+        name: the row's name in the tables.
+        kind: "teacher" (bidirectional, Euler sampling) or "student" (block-causal few-step rollout).
+        weights: the exported DiT (`runs/teacher/teacher.safetensors`, `runs/stage1_sid/student.safetensors`, ...).
+        recipe: the recipe that produces `weights` (named in the n/a reason when the file is missing).
+        vae: the VAE export; None: the student export's recorded `vae`, else runs/vae/vae.safetensors.
+        audio: the audio encoder export; None: the student export's recorded `audio`, else
+            runs/teacher/audio.safetensors.
+        steps: teacher Euler steps (students take their recorded sigmas; a value here must match their count).
+        guidance_scale: teacher audio CFG scale.
+        shift: teacher timestep shift.
+        cache_write: student cache write ("noisy", the paper's, or "clean").
+    """
+
+    name: str
+    kind: Literal["teacher", "student"]
+    weights: str
+    recipe: str = ""
+    vae: str | None = None
+    audio: str | None = None
+    steps: int | None = None
+    guidance_scale: float = 3.0
+    shift: float = 5.0
+    cache_write: Literal["noisy", "clean"] = "noisy"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("teacher", "student"):
+            raise ValueError(f"model {self.name!r}: kind must be 'teacher' or 'student', got {self.kind!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"model {self.name!r}: steps must be >= 1, got {self.steps}")
+        if self.cache_write not in ("noisy", "clean"):
+            raise ValueError(f"model {self.name!r}: cache_write must be 'noisy' or 'clean', got {self.cache_write!r}")
+
+    def missing(self) -> list[str]:
+        """The files this row needs that do not exist (only the DiT weights can be checked before loading)."""
+        return [p for p in (self.weights, self.vae, self.audio) if p is not None and not Path(p).is_file()]
+
+
+@dataclass
+class GeneratedSet:
+    videos: list[np.ndarray]  # uint8 [T, H, W, 3] per clip
+    steps: int
+    seconds_per_clip: float  # mean wall time per clip
+
+
+def clip_batch(
+    references: np.ndarray, audio_self: np.ndarray, audio_other: np.ndarray, masks: np.ndarray, device: torch.device
+) -> dict[str, Tensor]:
+    """Numpy clips -> a batch in the training layout (docs/architecture.md): references [B, 1, 3, H, W] in [-1, 1],
+    audio_self / audio_other [B, T * 640], mask [B, T]."""
+    ref = torch.from_numpy(np.ascontiguousarray(references)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return {
+        "references": ref[:, None].to(device),
+        "audio_self": torch.from_numpy(np.asarray(audio_self, dtype=np.float32)).to(device),
+        "audio_other": torch.from_numpy(np.asarray(audio_other, dtype=np.float32)).to(device),
+        "mask": torch.from_numpy(np.asarray(masks, dtype=np.float32)).to(device),
+    }
+
+
+def _to_uint8(video: Tensor) -> np.ndarray:
+    """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+class _Generator:
+    def __init__(self, spec: ModelSpec, device: torch.device) -> None:
+        from dystream.stages.conditioning import AvatarConditioner
+        from dystream.zoo.files import load_model, read_metadata
+
+        _, _, extra = read_metadata(spec.weights)
+        vae = spec.vae or extra.get("vae") or "runs/vae/vae.safetensors"
+        audio = spec.audio or extra.get("audio") or "runs/teacher/audio.safetensors"
+        self.spec, self.device = spec, device
+        self.cond = AvatarConditioner(vae=vae, audio=audio).to(device)
+        self.net = load_model(spec.weights, arch="dit").requires_grad_(False).eval().to(device)
+        if spec.kind == "student":
+            if "student_sigmas" not in extra:
+                raise ValueError(f"{spec.weights}: no `student_sigmas` in its metadata; is it a student export?")
+            self.sigmas = torch.tensor(extra["student_sigmas"], dtype=torch.float64)
+            if spec.steps is not None and spec.steps != len(self.sigmas):
+                raise ValueError(
+                    f"model {spec.name!r}: steps {spec.steps} but {spec.weights} was distilled for "
+                    f"{len(self.sigmas)} steps"
+                )
+            self.steps = len(self.sigmas)
+        else:
+            self.steps = spec.steps or 20
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Tensor], frames: int, generator: torch.Generator) -> Tensor:
+        """Videos [B, 3, frames, H, W] in [-1, 1]."""
+        from dystream.diffusion.rollout import student_rollout
+        from dystream.diffusion.sampling import AudioGuidance, sample_euler
+        from dystream.diffusion.schedule import sampling_sigmas
+
+        reference = batch["references"][:, 0]
+        z_ref = self.cond.encode_reference(reference)  # [B, z, 1, h, w]
+        cond = self.cond.audio_conditions(batch)
+        if self.spec.kind == "teacher":
+            n_latent = 1 + math.ceil(frames / 4)
+            # drawn as TeacherStage.sample draws it (all frames, the first replaced by the reference)
+            noise = torch.randn(z_ref.shape[0], z_ref.shape[1], n_latent, *z_ref.shape[-2:], generator=generator)
+            x = torch.cat([z_ref, noise[:, :, 1:].to(z_ref)], dim=2)
+            sigmas = sampling_sigmas(self.steps, shift=self.spec.shift).to(z_ref.device)
+
+            def denoiser(x: Tensor, sigma: Tensor, c: dict) -> Tensor:
+                return self.net(x, sigma, attention="bidirectional", **c)
+
+            z, _ = sample_euler(denoiser, x, cond, sigmas, guidance=AudioGuidance(scale=self.spec.guidance_scale))
+        else:
+            chunk = self.net.config.chunk_frames
+            if frames % (4 * chunk):
+                raise ValueError(
+                    f"students generate chunks of {4 * chunk} frames; clip frames {frames} is not a multiple"
+                )
+            z = student_rollout(
+                self.net,
+                z_ref,
+                frames // (4 * chunk),
+                self.sigmas.to(z_ref.device, z_ref.dtype),
+                cond["audio_talk"],
+                cond["audio_listen"],
+                cache_write=self.spec.cache_write,
+                generator=generator,
+            ).latents
+        return self.cond.decode(z, reference)[:, :, 1 : 1 + frames]
+
+
+def generate(
+    spec: ModelSpec,
+    references: np.ndarray,
+    audio_self: np.ndarray,
+    audio_other: np.ndarray,
+    masks: np.ndarray,
+    seed: int = 0,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+) -> GeneratedSet:
+    """Generate one video per clip: references uint8 [N, H, W, 3], audio [N, T * 640], masks [N, T]."""
+    device = torch.device(device)
+    gen = _Generator(spec, device)
+    frames = masks.shape[1]
+    videos: list[np.ndarray] = []
+    elapsed = 0.0
+    for i in range(0, len(references), batch_size):
+        sl = slice(i, i + batch_size)
+        batch = clip_batch(references[sl], audio_self[sl], audio_other[sl], masks[sl], device)
+        g = torch.Generator().manual_seed(seed * 100003 + i)
+        t0 = time.perf_counter()
+        out = gen(batch, frames, g)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - t0
+        videos += [_to_uint8(v) for v in out]
+    return GeneratedSet(videos, gen.steps, elapsed / max(1, len(videos)))

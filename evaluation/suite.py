@@ -1,0 +1,308 @@
+"""The metric suite shared by `dystream eval` (the tables) and the evaluation callback: which networks are available,
+and every metric of a set of videos against a set of real videos.
+
+Metrics (docs/evaluation.md for each protocol):
+
+| key | what | needs |
+|---|---|---|
+| `fid`, `fvd` | FID (InceptionV3 pool3 of every frame), FVD (I3D logits of 16-frame clips) | the published weights |
+| `fd_pose` | Fréchet distance of per-frame embeddings of the synthetic pose network (pooled backbone) | `metric_pose` |
+| `fd_sync` | Fréchet distance of the synthetic SyncNet's lip-window embeddings (5-frame windows) | `metric_syncnet` |
+| `sync_c`, `sync_d` | Sync-C / Sync-D (`SyncNetScorer`, synthetic SyncNet), mean over videos | `metric_syncnet` |
+| `hkc`, `hkv`, `lbkv`, `lhkv`, `lfkv` | keypoint metrics on the synthetic pose network's keypoints | `metric_pose` |
+| `drift_*` | identity drift (distance to the reference image; pixel RMS at 64x64 without an embedding) | nothing |
+
+FD-pose and FD-sync are *not* FID/FVD: they use our synthetic networks' features, are only comparable between rows of
+the same table (same networks, same clips), and are named differently on purpose.
+
+Face boxes for Sync-C/D come from the pose network's face keypoints for every video (so every row uses the same box
+source); without a pose network, from the ground-truth keypoints of the source clip (`EvalVideo.kpts`), labelled.
+A metric whose network is missing is an `NA` with the `MetricUnavailable` message, never a number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from dystream.evaluation.frechet import FeatureStats, frechet_distance
+from dystream.evaluation.identity import identity_drift
+from dystream.evaluation.keypoints import DWPOSE_134, hkc, hkv, listening_variances
+from dystream.evaluation.metric_nets import DEFAULT_POSE, DEFAULT_SYNCNET, load_metric_pose, load_metric_syncnet
+from dystream.evaluation.networks.pose_small import PoseNetBackend
+from dystream.evaluation.sync import KeypointFaceBoxes, SyncNetScorer, crop_faces, sync_scores
+from dystream.evaluation.weights import MetricUnavailable, WeightsInfo
+
+__all__ = ["NA", "EvalVideo", "MetricSuite", "SuiteConfig", "SuiteResult", "VIDEO_METRICS", "FD_METRICS"]
+
+FD_METRICS = ("fid", "fvd", "fd_pose", "fd_sync")
+VIDEO_METRICS = ("sync_c", "sync_d", "hkc", "hkv", "lbkv", "lhkv", "lfkv")
+KEYPOINT_METRICS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv")
+DRIFT_METRICS = ("drift_mean", "drift_first", "drift_last", "drift_slope_per_min")
+# which network each metric needs (keys of MetricSuite.unavailable)
+NEEDS = {
+    "fid": "fid",
+    "fvd": "fvd",
+    "fd_pose": "pose",
+    "fd_sync": "sync",
+    "sync_c": "sync",
+    "sync_d": "sync",
+    **{k: "pose" for k in ("hkc", "hkv", "lbkv", "lhkv", "lfkv")},
+}
+
+
+@dataclass(frozen=True)
+class NA:
+    """A metric that could not be computed, and why (printed as "n/a (reason)")."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"n/a ({self.reason})"
+
+
+Value = float | NA
+
+
+@dataclass
+class EvalVideo:
+    """One video to score, with what its metrics need."""
+
+    key: str
+    frames: np.ndarray  # uint8 [T, H, W, 3] RGB, 25 fps
+    audio: np.ndarray  # float [T * 640] 16 kHz: the avatar's own (driving) voice, what the lips should follow
+    mask: np.ndarray  # [T] 1 = speaking, 0 = listening
+    reference: np.ndarray | None = None  # uint8 [H, W, 3] the reference image (identity drift)
+    kpts: np.ndarray | None = None  # [T, 134, 3] ground-truth keypoints of the source clip (dwpose134), if known
+
+    def __post_init__(self) -> None:
+        f = self.frames
+        if f.ndim != 4 or f.shape[-1] != 3 or f.dtype != np.uint8:
+            raise ValueError(f"EvalVideo {self.key}: frames must be uint8 [T, H, W, 3], got {f.dtype} {f.shape}")
+        if len(self.mask) != len(f):
+            raise ValueError(f"EvalVideo {self.key}: mask has {len(self.mask)} frames, the video {len(f)}")
+        if len(self.audio) < 640 * len(f):
+            raise ValueError(
+                f"EvalVideo {self.key}: {len(self.audio)} audio samples for {len(f)} frames (need T * 640)"
+            )
+
+
+@dataclass
+class SuiteConfig:
+    """Networks and protocol of the metric suite.
+
+    Args:
+        syncnet: the synthetic SyncNet file (None: Sync-C/D and FD-sync are n/a).
+        pose: the synthetic keypoint regressor file (None: HKV, LxKV and FD-pose are n/a).
+        fid_inception: `pt_inception-2015-12-05-6726825d.pth` for FID (None: n/a).
+        i3d: `i3d_torchscript.pt` for FVD (None: n/a); needs `i3d_sha256`.
+        i3d_sha256: the sha256 you trust for the I3D TorchScript file (it runs code when loaded).
+        sync_segments: "whole" scores each video as one segment; "speaking" scores speaking runs of at least
+            `min_segment_frames` (the StreamAvatar protocol for real data; the synthetic world's speaking runs are
+            shorter than 2 s, so 4-s synthetic clips use "whole").
+        min_segment_frames: shortest speaking run scored with sync_segments="speaking".
+        vshift: the Sync-C offset search range in frames (+-).
+        drift_bucket_s: bucket length of the identity-drift summary, in seconds.
+        fvd_clips_per_video: 16-frame clips per video for FVD (uniformly spaced).
+    """
+
+    syncnet: str | None = DEFAULT_SYNCNET
+    pose: str | None = DEFAULT_POSE
+    fid_inception: str | None = None
+    i3d: str | None = None
+    i3d_sha256: str | None = None
+    sync_segments: Literal["whole", "speaking"] = "whole"
+    min_segment_frames: int = 50
+    vshift: int = 15
+    drift_bucket_s: float = 1.0
+    fvd_clips_per_video: int = 4
+
+    def __post_init__(self) -> None:
+        if self.sync_segments not in ("whole", "speaking"):
+            raise ValueError(f"SuiteConfig.sync_segments must be 'whole' or 'speaking', got {self.sync_segments!r}")
+        if self.min_segment_frames < 6:
+            raise ValueError(f"SuiteConfig.min_segment_frames must be >= 6, got {self.min_segment_frames}")
+        if self.vshift < 1:
+            raise ValueError(f"SuiteConfig.vshift must be >= 1, got {self.vshift}")
+        if self.drift_bucket_s <= 0:
+            raise ValueError(f"SuiteConfig.drift_bucket_s must be positive, got {self.drift_bucket_s}")
+        if self.fvd_clips_per_video < 1:
+            raise ValueError(f"SuiteConfig.fvd_clips_per_video must be >= 1, got {self.fvd_clips_per_video}")
+
+
+@dataclass
+class SuiteResult:
+    values: dict[str, Value]  # dataset values (means over videos; Fréchet distances against the real set)
+    features: dict[str, FeatureStats]  # per FD metric, this set's features (raw kept), to serve as a real set later
+    per_video: list[dict[str, float]] = field(default_factory=list)
+
+
+class MetricSuite:
+    """Loads whatever metric networks are available; `evaluate(videos, real)` computes every metric it can.
+
+    `unavailable` maps "sync", "pose", "fid", "fvd" to the reason a network is missing (the MetricUnavailable
+    message); metrics that need it are `NA(reason)`.
+    """
+
+    def __init__(
+        self,
+        config: SuiteConfig | None = None,
+        device: str | torch.device = "cpu",
+        syncnet: Any = None,
+        pose: Any = None,
+    ) -> None:
+        """`syncnet` / `pose` may pass already-built networks (tests, callbacks) instead of the files in `config`."""
+        self.config = cfg = config or SuiteConfig()
+        self.device = torch.device(device)
+        self.unavailable: dict[str, str] = {}
+        self.weights: dict[str, WeightsInfo | None] = {}
+        self.scorer: SyncNetScorer | None = None
+        self.pose: PoseNetBackend | None = None
+        self.fid_extractor = self.i3d_extractor = None
+        try:
+            net, info = (syncnet, None) if syncnet is not None else load_metric_syncnet(cfg.syncnet, self.device)
+            self.scorer = SyncNetScorer(
+                net, info, vshift=cfg.vshift, min_segment_frames=cfg.min_segment_frames, device=self.device
+            )
+            self.weights["sync"] = info
+        except MetricUnavailable as e:
+            self.unavailable["sync"] = str(e)
+        try:
+            net, info = (pose, None) if pose is not None else load_metric_pose(cfg.pose, self.device)
+            self.pose = PoseNetBackend(net, device=self.device)
+            self.weights["pose"] = info
+        except MetricUnavailable as e:
+            self.unavailable["pose"] = str(e)
+        try:
+            from dystream.evaluation.fid import FIDExtractor, load_fid_inception
+
+            net, info = load_fid_inception(cfg.fid_inception, device=self.device)
+            self.fid_extractor = FIDExtractor(net, info)
+            self.weights["fid"] = info
+        except MetricUnavailable as e:
+            self.unavailable["fid"] = str(e)
+        try:
+            from dystream.evaluation.fvd import I3DExtractor
+            from dystream.evaluation.networks.i3d import load_i3d_torchscript
+
+            module, info = load_i3d_torchscript(cfg.i3d, sha256=cfg.i3d_sha256, device=self.device)
+            self.i3d_extractor = I3DExtractor(module, info, device=self.device)
+            self.weights["fvd"] = info
+        except MetricUnavailable as e:
+            self.unavailable["fvd"] = str(e)
+
+    @property
+    def box_source(self) -> str:
+        return "synthetic pose network (face keypoints)" if self.pose is not None else "ground-truth keypoints"
+
+    def na(self, metric: str) -> NA | None:
+        """NA(reason) if `metric`'s network is missing, else None."""
+        need = NEEDS.get(metric)
+        return NA(self.unavailable[need]) if need in self.unavailable else None
+
+    # -- per video -------------------------------------------------------------------------------
+    def _boxes(self, video: EvalVideo, kpts: np.ndarray | None) -> np.ndarray | None:
+        source = kpts if kpts is not None else video.kpts
+        if source is None:
+            return None
+        return KeypointFaceBoxes(source, DWPOSE_134.indices("face"))(video.frames)
+
+    def video_metrics(self, video: EvalVideo, exact_keypoints: bool = False) -> tuple[dict[str, float], dict]:
+        """(metrics of one video, features for the FD metrics). `exact_keypoints` uses the video's ground-truth
+        keypoints for the keypoint metrics instead of the pose network (the ground-truth reference row)."""
+        out: dict[str, float] = {}
+        feats: dict[str, np.ndarray] = {}
+        h = video.frames.shape[1]
+        kpts = None
+        if exact_keypoints and video.kpts is not None:
+            kpts = np.asarray(video.kpts, dtype=np.float32)
+        elif self.pose is not None:
+            kpts = self.pose(video.frames)
+        if self.pose is not None:
+            feats["fd_pose"] = self.pose.features(video.frames)
+        if kpts is not None:
+            out["hkc"] = hkc(kpts, DWPOSE_134)
+            out["hkv"] = hkv(kpts, DWPOSE_134, frame_height=h)
+            lv = listening_variances(kpts, video.mask, DWPOSE_134, frame_height=h)
+            out.update(lbkv=lv["LBKV"], lhkv=lv["LHKV"], lfkv=lv["LFKV"])
+        boxes = self._boxes(video, None if exact_keypoints else kpts)
+        if self.scorer is not None and boxes is not None:
+            crops = crop_faces(video.frames, boxes)
+            v, a = self.scorer.embed(crops, np.asarray(video.audio))
+            feats["fd_sync"] = v.double().numpy()
+            if self.config.sync_segments == "whole":
+                s = sync_scores(v, a, self.config.vshift)
+                out.update(sync_c=s.sync_c, sync_d=s.sync_d, sync_offset=float(s.offset))
+            else:
+                r = self.scorer(video.frames, video.audio, lambda f: boxes, video.mask, self.box_source)
+                out.update(sync_c=r.sync_c, sync_d=r.sync_d)
+        if video.reference is not None:
+            d = identity_drift(video.frames, video.reference, fps=25.0, bucket_s=self.config.drift_bucket_s)
+            out.update(
+                drift_mean=float(np.average(d.mean, weights=d.count)),
+                drift_first=d.first_bucket_mean,
+                drift_last=d.last_bucket_mean,
+                drift_slope_per_min=d.slope_per_min,
+            )
+        if self.fid_extractor is not None:
+            feats["fid"] = self.fid_extractor(video.frames)
+        if self.i3d_extractor is not None:
+            from dystream.evaluation.fvd import ClipSampler
+
+            sampler = ClipSampler(clips_per_video=self.config.fvd_clips_per_video)
+            clips = sampler.clips(torch.from_numpy(np.ascontiguousarray(video.frames)).permute(3, 0, 1, 2))
+            if clips.shape[0]:
+                feats["fvd"] = self.i3d_extractor(clips)
+        return out, feats
+
+    # -- a set of videos -------------------------------------------------------------------------
+    def evaluate(
+        self,
+        videos: Iterable[EvalVideo],
+        real: dict[str, FeatureStats] | None = None,
+        exact_keypoints: bool = False,
+    ) -> SuiteResult:
+        """Every metric of `videos`; Fréchet distances against `real` (e.g. the ground-truth set's `features`)."""
+        per_video: list[dict[str, float]] = []
+        stats: dict[str, FeatureStats] = {}
+        for video in videos:
+            m, feats = self.video_metrics(video, exact_keypoints=exact_keypoints)
+            per_video.append({"key": video.key, **m})  # type: ignore[dict-item]
+            for name, f in feats.items():
+                if len(f):
+                    stats.setdefault(name, FeatureStats(keep_features=True, meta=self.feature_meta(name))).update(f)
+        values: dict[str, Value] = {}
+        for name in (*VIDEO_METRICS, *DRIFT_METRICS):
+            exact = exact_keypoints and name in KEYPOINT_METRICS  # the labels need no pose network
+            values[name] = (None if exact else self.na(name)) or _mean(per_video, name)
+        for name in FD_METRICS:
+            values[name] = self.na(name) or self.frechet(name, stats.get(name), (real or {}).get(name))
+        return SuiteResult(values, stats, per_video)
+
+    def feature_meta(self, name: str) -> dict[str, str]:
+        meta = {"metric": name}
+        info = self.weights.get({"fd_pose": "pose", "fd_sync": "sync"}.get(name, name))
+        if info is not None:
+            meta.update(sha256=info.sha256, weights=info.path)
+        return meta
+
+    @staticmethod
+    def frechet(name: str, fake: FeatureStats | None, real: FeatureStats | None) -> Value:
+        if real is None:
+            return NA("no real statistics to compare with")
+        if fake is None or fake.n < 2 or real.n < 2:
+            return NA("fewer than 2 feature vectors")
+        if real.meta.get("sha256") != fake.meta.get("sha256"):
+            return NA(f"real and generated features come from different {name} networks")
+        return float(frechet_distance(real, fake))
+
+
+def _mean(rows: Sequence[dict[str, float]], key: str) -> Value:
+    vals = np.array([r[key] for r in rows if key in r and np.isfinite(r[key])], dtype=np.float64)
+    if vals.size == 0:
+        return NA("no video gave a value") if rows else NA("no videos")
+    return float(vals.mean())

@@ -1,0 +1,91 @@
+"""Generating the evaluation set: the teacher row reproduces TeacherStage.sample, the student row is the seeded
+few-step rollout, with the right shapes and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dystream.evaluation.generation import ModelSpec, clip_batch, generate
+from dystream.models.vae import ReferenceGuidedVAE, VAEConfig
+from dystream.stages.common import EMA
+from dystream.stages.teacher import TeacherStage
+from dystream.zoo.files import load_model, save_model
+
+T = 12
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: torch's intra-op threads only add synchronisation here
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    torch.manual_seed(0)
+    vae = str(save_model(ReferenceGuidedVAE(VAEConfig.from_preset("tiny")), root / "vae.safetensors", arch="vae"))
+    stage = TeacherStage(vae=vae, export_dir=str(root / "teacher"))
+    with torch.no_grad():  # random everywhere (the zero-initialised head would make every sample the same)
+        for p in stage.dit.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    stage.ema = EMA(stage.dit)
+    stage.export()
+    teacher, audio = str(root / "teacher" / "teacher.safetensors"), str(root / "teacher" / "audio.safetensors")
+    student = save_model(load_model(teacher, "dit"), root / "student.safetensors", arch="dit",
+                         extra={"student_sigmas": [1.0, 0.8, 0.5], "vae": vae, "audio": audio})  # fmt: skip
+    return {"vae": vae, "teacher": teacher, "audio": audio, "student": str(student)}
+
+
+def _clips(n: int = 2, size: int = 64):
+    rng = np.random.default_rng(0)
+    refs = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    audio = (0.1 * rng.standard_normal((2, n, T * 640))).astype(np.float32)
+    masks = (np.arange(T)[None] < 6).repeat(n, 0).astype(np.float32)
+    return refs, audio[0], audio[1], masks
+
+
+def test_teacher_row_reproduces_teacher_stage_sampling(files):
+    spec = ModelSpec("teacher", "teacher", files["teacher"], vae=files["vae"], audio=files["audio"], steps=2)
+    refs, a_self, a_other, masks = _clips()
+    out = generate(spec, refs, a_self, a_other, masks, seed=3, batch_size=2)
+    assert out.steps == 2 and len(out.videos) == 2 and out.videos[0].shape == (T, 64, 64, 3)
+    assert out.videos[0].dtype == np.uint8 and out.seconds_per_clip > 0
+
+    stage = TeacherStage(vae=files["vae"], audio=files["audio"], sample_steps=2)
+    batch = clip_batch(refs, a_self, a_other, masks, torch.device("cpu"))
+    batch["video"] = torch.zeros(2, 3, T, 64, 64)
+    net = load_model(files["teacher"], "dit").eval()  # (building a model draws from the global RNG: before seeding)
+    torch.manual_seed(3 * 100003)  # generate() seeds the first batch's generator with seed * 100003
+    ref = stage.sample(batch, net=net)
+    expect = ((ref.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    np.testing.assert_array_equal(np.stack(out.videos), expect)
+
+
+def test_student_row_is_a_seeded_rollout(files):
+    spec = ModelSpec("student", "student", files["student"])  # vae and audio from the export's metadata
+    refs, a_self, a_other, masks = _clips()
+    a = generate(spec, refs, a_self, a_other, masks, seed=0, batch_size=1)
+    b = generate(spec, refs, a_self, a_other, masks, seed=0, batch_size=1)
+    c = generate(spec, refs, a_self, a_other, masks, seed=1, batch_size=1)
+    assert a.steps == 3 and a.videos[1].shape == (T, 64, 64, 3)
+    np.testing.assert_array_equal(a.videos[1], b.videos[1])
+    assert not np.array_equal(a.videos[1], c.videos[1])
+    with pytest.raises(ValueError, match="multiple"):
+        generate(spec, refs, a_self[:, : 8 * 640], a_other[:, : 8 * 640], masks[:, :8])
+    with pytest.raises(ValueError, match="distilled for 3 steps"):
+        generate(ModelSpec("student", "student", files["student"], steps=4), refs, a_self, a_other, masks)
+
+
+def test_model_spec_reports_missing_files_and_bad_fields(tmp_path):
+    spec = ModelSpec("sid", "student", str(tmp_path / "student.safetensors"), recipe="stage1_sid")
+    assert spec.missing() == [str(tmp_path / "student.safetensors")]
+    with pytest.raises(ValueError, match="kind must be"):
+        ModelSpec("x", "gan", "w")
+    with pytest.raises(ValueError, match="cache_write"):
+        ModelSpec("x", "student", "w", cache_write="dirty")

@@ -1,0 +1,147 @@
+"""Benchmark tables (md/csv/json in the paper's Table 1/2 layout), the metric suite and `dystream eval`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from dystream.datamodules.synthetic import synthesize
+from dystream.evaluation import cli as eval_cli
+from dystream.evaluation.networks.pose_small import PRESETS as POSE_PRESETS
+from dystream.evaluation.networks.pose_small import PoseRegressor
+from dystream.evaluation.networks.syncnet_small import PRESETS, SmallSyncNet
+from dystream.evaluation.suite import NA, MetricSuite, SuiteConfig
+from dystream.evaluation.tables import Row, write_tables
+from dystream.zoo.files import save_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: torch's intra-op threads only add synchronisation here (several times slower on a busy 2-core
+    # machine), so these tests run single-threaded and restore the setting afterwards
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TABLE1 = ["Method", "FID", "FVD", "FD-pose", "FD-sync", "Sync-C", "Sync-D", "HKV", "Steps", "Res.", "Time per 5 s (s)"]
+
+
+def _rows(with_ase: bool = False) -> list[Row]:
+    na = NA("metric weights 'pt_inception-2015-12-05-6726825d.pth' for FID unavailable: no path was given")
+    values = {"fid": na, "sync_c": 4.5, "sync_d": 2.1, "hkv": 30.0, "lbkv": 1.0, "lhkv": 0.5, "lfkv": 0.25}
+    gt = Row("Ground truth", "ground_truth", {**values, "drift_mean": 0.1}, resolution="64x64")
+    shuffled = Row("Ground truth, shuffled audio", "shuffled_audio", {"sync_c": 0.9, "sync_d": 7.0}, resolution="64x64")
+    teacher = Row("Teacher", "teacher", {"fid": na, "fd_pose": 12.0, "sync_c": 1.0, "hkv": float("nan")},
+                  steps=20, resolution="64x64", time_per_5s=3.25)  # fmt: skip
+    if with_ase:
+        teacher.values["ase"] = 4.2
+    return [gt, shuffled, teacher]
+
+
+def test_tables_writer_layout(tmp_path):
+    paths = write_tables(_rows(), tmp_path, notes=["protocol note"], meta={"x": 1})
+    md = (tmp_path / "results.md").read_text()
+    header = md.splitlines()[4]
+    assert header == "| Method | FID | FVD | FD-pose | FD-sync | Sync-C | Sync-D | HKV | Steps | Res. | Time (5 s) |"
+    assert "| Method | LBKV | LHKV | LFKV |" in md and "drift mean" in md
+    assert "ASE" not in md and "IQA" not in md  # only when provided
+    assert "n/a [a]" in md and "- [a] metric weights 'pt_inception" in md and "protocol note" in md
+    assert "| Teacher | n/a [a] | — | 12.00 | — | 1.00 | — | nan | 20 | 64x64 | 3.2 s |" in md
+
+    with open(tmp_path / "table1_talking.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == TABLE1
+    assert rows[1][1].startswith("n/a (metric weights") and rows[1][5] == "4.5000"
+    with open(tmp_path / "table2_listening.csv") as f:
+        assert next(csv.reader(f)) == ["Method", "LBKV", "LHKV", "LFKV"]
+
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["columns"]["table1"] == ["fid", "fvd", "fd_pose", "fd_sync", "sync_c", "sync_d", "hkv", "steps",
+                                        "resolution", "time_per_5s"]  # fmt: skip
+    assert doc["columns"]["table2"] == ["lbkv", "lhkv", "lfkv"]
+    teacher = doc["rows"][2]
+    assert teacher["values"]["fid"] == {"value": None, "na": _rows()[0].values["fid"].reason}
+    assert teacher["values"]["hkv"] is None and teacher["time_per_5s"] == 3.25 and doc["meta"] == {"x": 1}
+    assert set(paths) == {"md", "csv", "json"}
+
+    write_tables(_rows(with_ase=True), tmp_path)
+    with open(tmp_path / "table1_talking.csv") as f:
+        assert next(csv.reader(f))[:4] == ["Method", "FID", "FVD", "ASE"]  # IQA still absent
+
+
+def _clip_videos(n: int = 3, t: int = 40):
+    from dystream.datamodules.synthetic import make_clip
+    from dystream.evaluation.suite import EvalVideo
+
+    clips = [make_clip(seed=1, split="val", index=i, size=32, seconds=t / 25) for i in range(n)]
+    return [EvalVideo(c.key, c.video[1:], c.audio_self[640:], c.mask[1:], c.video[0], c.kpts[1:]) for c in clips]
+
+
+def test_suite_reports_missing_networks_and_computes_the_rest():
+    suite = MetricSuite(SuiteConfig(syncnet=None, pose=None))
+    assert set(suite.unavailable) == {"sync", "pose", "fid", "fvd"}
+    assert "recipes/metric_syncnet.yaml" in suite.unavailable["sync"]
+    videos = _clip_videos()
+    res = suite.evaluate(videos)
+    assert isinstance(res.values["sync_c"], NA) and "metric_syncnet" in res.values["sync_c"].reason
+    assert isinstance(res.values["hkv"], NA) and isinstance(res.values["fd_pose"], NA)
+    assert isinstance(res.values["drift_mean"], float)  # identity drift needs no network
+    exact = suite.evaluate(videos, exact_keypoints=True)  # ground-truth keypoints need no network
+    assert isinstance(exact.values["hkv"], float)
+
+
+def test_suite_with_networks_gives_zero_fd_against_itself():
+    torch.manual_seed(0)
+    suite = MetricSuite(SuiteConfig(), syncnet=SmallSyncNet(PRESETS["tiny"]).eval(),
+                        pose=PoseRegressor(POSE_PRESETS["tiny"]).eval())  # fmt: skip
+    videos = _clip_videos()
+    real = suite.evaluate(videos)
+    again = suite.evaluate(videos, real=real.features)
+    assert again.values["fd_pose"] == pytest.approx(0.0, abs=1e-6)
+    assert again.values["fd_sync"] == pytest.approx(0.0, abs=1e-6)
+    for k in ("sync_c", "sync_d", "hkv", "hkc"):
+        assert isinstance(again.values[k], float)
+    assert real.features["fd_sync"].n == 3 * (39 - 5)  # one lip window per frame but the last 5
+
+
+def test_eval_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "eval.yaml"
+    bad.write_text("clips:\n  count: 4\n  framez: 12\n")
+    with pytest.raises(ValueError, match=r"clips: unknown field\(s\) \['framez'\]"):
+        eval_cli.load_config(bad)
+    bad.write_text("models:\n  - {name: a, kind: wizard, weights: x}\n")
+    with pytest.raises(ValueError, match=r"models\[0\].*kind must be 'teacher' or 'student'"):
+        eval_cli.load_config(bad)
+    assert eval_cli.load_config("recipes/eval.yaml").clips.frames == 96  # the shipped recipe parses
+
+
+def test_eval_cli_end_to_end_with_a_missing_network_and_a_missing_model(tmp_path, capsys):
+    synthesize(tmp_path / "data", clips=1, val_clips=3, size=32, seconds=1.6, workers=1)
+    pose = save_model(PoseRegressor(POSE_PRESETS["tiny"]), tmp_path / "pose.safetensors", arch="metric_pose")
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(
+        f"out: {tmp_path / 'results'}\n"
+        f"clips: {{shards: {tmp_path / 'data' / 'val'}, count: 3, frames: 36, reference_frame: 0}}\n"
+        f"metrics: {{syncnet: {tmp_path / 'no_syncnet.safetensors'}, pose: {pose}}}\n"
+        "models:\n"
+        f"  - {{name: Student SiD, kind: student, weights: {tmp_path / 'none.safetensors'}, recipe: stage1_sid}}\n"
+    )
+    parser = __import__("argparse").ArgumentParser()
+    eval_cli.add_arguments(parser)
+    assert eval_cli.run(parser.parse_args(["--config", str(recipe)])) == 0
+    out = capsys.readouterr().out
+    assert "eval: sync metrics n/a (metric weights 'syncnet.safetensors'" in out
+    assert "dystream fit --config recipes/metric_syncnet.yaml" in out
+    doc = json.loads((tmp_path / "results" / "results.json").read_text())
+    names = [r["name"] for r in doc["rows"]]
+    assert names == ["Ground truth", "Ground truth (exact keypoints)", "Ground truth, shuffled audio", "Student SiD"]
+    gt, exact, shuffled, sid = doc["rows"]
+    assert "metric_syncnet" in gt["values"]["sync_c"]["na"] and isinstance(gt["values"]["hkv"], float)
+    assert isinstance(exact["values"]["hkv"], float) and "sync_c" not in exact["values"]
+    assert "make train RECIPE=stage1_sid" in sid["values"]["hkv"]["na"]
+    assert isinstance(gt["values"]["drift_mean"], float) and len(doc["meta"]["per_video"]["ground_truth"]) == 3
