@@ -336,6 +336,19 @@ def exports_during_training(module: L.LightningModule) -> bool:
     return False
 
 
+def _optimizers(configured: Any) -> list[Any]:
+    """The optimizers in whatever ``configure_optimizers`` returned (one, a list, a dict, (optimizers, schedulers))."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return [configured]
+    if isinstance(configured, dict):
+        return [configured["optimizer"]]
+    if isinstance(configured, (list, tuple)):
+        if len(configured) == 2 and isinstance(configured[0], (list, tuple)):
+            return list(configured[0])
+        return [o for c in configured for o in _optimizers(c)]
+    return []
+
+
 class StrategyCheck(Callback):
     """Fail at startup, naming the stage and the strategy, on combinations that cannot train (docs/scaling.md)."""
 
@@ -347,9 +360,7 @@ class StrategyCheck(Callback):
         strategy = trainer.strategy
         name, where = type(pl_module).__name__, type(strategy).__name__
         if isinstance(strategy, DeepSpeedStrategy):
-            from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
-
-            optimizers, _ = _init_optimizers_and_lr_schedulers(pl_module)
+            optimizers = _optimizers(pl_module.configure_optimizers())
             ema = [m for m in pl_module.modules() if type(m).__name__ == "EMA" and getattr(m, "decay", 0) > 0.99]
             if ema and "bf16" in str(trainer.precision):
                 rank_zero_warn(
