@@ -21,15 +21,16 @@ from dystream.evaluation.networks.pose_small import (
 )
 from dystream.evaluation.networks.syncnet_small import PRESETS, SmallSyncNet, SmallSyncNetConfig
 from dystream.evaluation.sync import KeypointFaceBoxes, SyncNetScorer
-from dystream.evaluation.train_pose import PoseTrainer, simcc_loss
+from dystream.evaluation.train_pose import simcc_loss
 from dystream.evaluation.train_syncnet import (
-    SyncNetTrainer,
     contrastive_sync_loss,
     lip_sequence,
     make_pairs,
     mfcc_sequence,
 )
 from dystream.evaluation.weights import MetricUnavailable, MetricWeightsMissing
+from dystream.stages.metric_pose import PoseTrainer
+from dystream.stages.metric_syncnet import SyncNetTrainer
 from dystream.zoo.files import save_model
 
 
