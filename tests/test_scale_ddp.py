@@ -1,6 +1,6 @@
 """DDP parity: the tiny teacher stage on 2 processes (gloo, CPU) follows the 1-process run with the same global batch.
 
-Both runs go through Lightning's Trainer (DDPStrategy, AdamW, warm-up schedule, gradient clipping, EMA). The only
+Both runs go through Lightning's Trainer (DDPStrategy, AdamW, warm-up schedule, gradient clipping at every step, EMA). The only
 test-side change is where the teacher's noise comes from: per sample, seeded by the sample's key and the step (the
 stage draws it per batch from the global generator, which two ranks cannot split the way one process does), so the
 two runs see the same noise and the same data, and differ only in how gradients are summed. This file is also the
@@ -61,8 +61,22 @@ def samples() -> list[dict]:
     return out
 
 
-def fit(vae: str, out: str, devices: int, batch_size: int) -> tuple[list[float], dict[str, Tensor]]:
-    """Fit STEPS steps; returns this rank's per-step losses and the DiT and EMA weights."""
+def fit(
+    vae: str,
+    out: str,
+    devices: int,
+    batch_size: int,
+    strategy=None,
+    plugins=None,
+    callbacks=(),
+    freeze_prompt: bool = False,
+    weights=None,
+) -> tuple[list[float], dict[str, Tensor]]:
+    """Fit STEPS steps; returns this rank's per-step losses and the DiT and EMA weights (``weights(stage)`` if given).
+
+    ``freeze_prompt`` freezes the tiny preset's learned prompt constant (FSDP refuses a trainable parameter outside
+    its units; the real presets' prompt is fixed anyway).
+    """
     import lightning as L
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader
@@ -75,27 +89,32 @@ def fit(vae: str, out: str, devices: int, batch_size: int) -> tuple[list[float],
 
     L.seed_everything(0, verbose=False)
     stage = noise_per_sample_stage()(vae=vae, export_dir=out, warmup_steps=2, lr=1e-3, ema_decay=0.5)
+    if freeze_prompt:
+        stage.dit.text_context.requires_grad_(False)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        strategy=strategy or ("ddp" if devices > 1 else "auto"),
+        plugins=plugins,
         max_steps=STEPS,
-        gradient_clip_val=1.0,
+        gradient_clip_val=0.1,  # below the gradient norm (about 0.3): every step is clipped
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
-        callbacks=[Record()],
+        callbacks=[Record(), *callbacks],
     )
     # each rank reads every devices-th sample, so step s of the 2-rank run covers the samples of step s of one rank
     rank = int(os.environ.get("RANK", 0))
     data = DataLoader(samples()[rank::devices], batch_size=batch_size, shuffle=False)
     trainer.fit(stage, train_dataloaders=data)
-    weights = {f"dit.{k}": v.clone() for k, v in stage.dit.state_dict().items()}
-    weights.update({f"ema.{k}": v.clone() for k, v in stage.ema.shadow.state_dict().items()})
-    return losses, weights
+    if weights is not None:
+        return losses, weights(stage)
+    state = {f"dit.{k}": v.clone() for k, v in stage.dit.state_dict().items()}
+    state.update({f"ema.{k}": v.clone() for k, v in stage.ema.shadow.state_dict().items()})
+    return losses, state
 
 
 def worker(args: dict) -> None:

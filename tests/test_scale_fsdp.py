@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_scale_ddp import launch  # noqa: E402
+from test_scale_ddp import SAMPLES, fit, launch  # noqa: E402
 from test_stage1_common import make_files, prompt_batch  # noqa: E402
 
 
@@ -54,26 +54,32 @@ def build(files: dict[str, str], out: str):
     return stage
 
 
-def trainer(epochs: int):
-    import lightning as L
+def cpu_fsdp_strategy():
+    """fsdp.yaml's strategy settings on Lightning's FSDPStrategy."""
     from lightning.pytorch.strategies import FSDPStrategy
 
     from dystream.models.dit import AvatarBlock
-    from dystream.scale import FSDPMixedPrecision, FSDPUnits, ResumeState, StrategyCheck
 
     class CPUFSDPStrategy(FSDPStrategy):
         """Lightning's FSDPStrategy, unchanged: a subclass only passes the connector's CUDA-only type check."""
 
-    strategy = CPUFSDPStrategy(
+    return CPUFSDPStrategy(
         auto_wrap_policy={AvatarBlock},
         activation_checkpointing_policy={AvatarBlock},
         sharding_strategy="FULL_SHARD",
         state_dict_type="sharded",
     )
+
+
+def trainer(epochs: int):
+    import lightning as L
+
+    from dystream.scale import FSDPMixedPrecision, FSDPUnits, ResumeState, StrategyCheck
+
     return L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=strategy,
+        strategy=cpu_fsdp_strategy(),
         # fp32 here: CPU autocast leaves layer_norm's bf16-gathered weights uncast (CUDA autocast casts them)
         plugins=[FSDPMixedPrecision("32-true")],
         max_epochs=epochs,
@@ -100,6 +106,8 @@ def worker(args: dict) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.utils.data import DataLoader
 
+    from dystream.scale import FSDPMixedPrecision, FSDPUnits, sharded_grad_norm
+
     torch.set_num_threads(1)
     out, files = Path(args["out"]), args["files"]
     rank = int(os.environ["RANK"])
@@ -113,6 +121,11 @@ def worker(args: dict) -> None:
     local = sum(p.numel() for p in block.parameters())
     full = sum(v.numel() for v in full_state(block, stage).values())
     metrics = {k: float(v) for k, v in first.callback_metrics.items()}
+    # the clipping norm of FSDPMixedPrecision over gradient shards vs the norm of the gathered gradients
+    sharded_norm = float(sharded_grad_norm(stage.fake_score.parameters()))
+    with FSDP.summon_full_params(stage.fake_score, with_grads=True):
+        grads = [p.grad.flatten() for p in stage.fake_score.parameters() if p.grad is not None]
+        full_norm = float(torch.linalg.vector_norm(torch.cat(grads).double()))
     first.save_checkpoint(out / "sharded.ckpt")
     ema, student = full_state(stage.ema.shadow, stage), full_state(stage.student, stage)
     report = {
@@ -121,6 +134,7 @@ def worker(args: dict) -> None:
         "full": full,
         "metrics": metrics,
         "counters": [int(stage.sid_step), int(stage.generator_steps)],
+        "norms": [sharded_norm, full_norm],
     }
 
     L.seed_everything(1, verbose=False)
@@ -132,9 +146,28 @@ def worker(args: dict) -> None:
     report["resumed_student_changed"] = any(
         not torch.equal(v, student[k]) for k, v in full_state(resumed.student, resumed).items()
     )
+
+    # the teacher (automatic optimization, gradient clipping through FSDPMixedPrecision, EMA on shards) against one
+    # process with the same global batch, as tests/test_scale_ddp.py does for DDP
+    def gathered(st) -> dict[str, torch.Tensor]:
+        state = {f"dit.{k}": v for k, v in full_state(st.dit, st).items()}
+        return state | {f"ema.{k}": v for k, v in full_state(st.ema.shadow, st).items()}
+
+    teacher_losses, teacher = fit(
+        files["vae"],
+        str(out / "teacher"),
+        devices=2,
+        batch_size=SAMPLES // 4,
+        strategy=cpu_fsdp_strategy(),
+        plugins=[FSDPMixedPrecision("32-true")],
+        callbacks=[FSDPUnits()],
+        freeze_prompt=True,
+        weights=gathered,
+    )
+    report["teacher_losses"] = teacher_losses
+    (out / f"report{rank}.json").write_text(json.dumps(report))
     if rank == 0:
-        torch.save({"ema": ema, "student": student}, out / "full.pt")
-        (out / "report.json").write_text(json.dumps(report))
+        torch.save({"ema": ema, "student": student, "teacher": teacher}, out / "full.pt")
 
 
 @pytest.mark.skipif(fsdp_on_cpu_unsupported() is not None, reason=str(fsdp_on_cpu_unsupported()))
@@ -146,8 +179,10 @@ def test_fsdp_sid_trains_resumes_and_consolidates_on_cpu(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     launch(Path(__file__), 2, {"files": files, "out": str(out)})
-    report = json.loads((out / "report.json").read_text())
+    report, other = (json.loads((out / f"report{r}.json").read_text()) for r in range(2))
     assert report["wrapped"] and report["local"] < report["full"]  # the block is sharded: each rank holds a part
+    assert report["norms"][0] == pytest.approx(report["norms"][1], rel=1e-6) and report["norms"][0] > 0
+    assert report["norms"] == pytest.approx(other["norms"], rel=1e-9)  # one global norm on both ranks
     assert report["counters"] == [2, 1]  # 2 fake-score updates, 1 generator update (generator_every=2)
     assert all(torch.isfinite(torch.tensor(v)) for v in report["metrics"].values())
     assert {"train/loss_fake", "train/loss_generator"} <= report["metrics"].keys()
@@ -167,6 +202,15 @@ def test_fsdp_sid_trains_resumes_and_consolidates_on_cpu(tmp_path):
         assert torch.equal(exported[key], value), key
     teacher = load_model(files["teacher"], arch="dit").state_dict()
     assert any(not torch.equal(exported[k], teacher[k]) for k in teacher)  # the EMA moved away from the init
+
+    # FSDP teacher == one process with the same global batch (gradient reduction, sharded norm clipping, EMA)
+    one_losses, one = fit(files["vae"], str(tmp_path / "one"), devices=1, batch_size=SAMPLES // 2, freeze_prompt=True)
+    two_losses = [(a + b) / 2 for a, b in zip(report["teacher_losses"], other["teacher_losses"], strict=True)]
+    torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(one_losses), rtol=1e-4, atol=1e-6)
+    sharded = torch.load(out / "full.pt", weights_only=True)["teacher"]
+    assert sharded.keys() == one.keys()
+    for key, value in one.items():
+        torch.testing.assert_close(sharded[key], value, rtol=1e-3, atol=2e-5, msg=key)
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
