@@ -1,10 +1,10 @@
 """DDP parity: the tiny teacher stage on 2 processes (gloo, CPU) follows the 1-process run with the same global batch.
 
-Both runs go through Lightning's Trainer (DDPStrategy, AdamW, warm-up schedule, gradient clipping at every step, EMA). The only
-test-side change is where the teacher's noise comes from: per sample, seeded by the sample's key and the step (the
-stage draws it per batch from the global generator, which two ranks cannot split the way one process does), so the
-two runs see the same noise and the same data, and differ only in how gradients are summed. This file is also the
-2-rank worker: ``torchrun --nproc_per_node 2 tests/test_scale_ddp.py --worker ARGS``.
+Both runs go through Lightning's Trainer (DDPStrategy, AdamW, warm-up schedule, gradient clipping at every step,
+EMA). The only test-side change is where the teacher's noise comes from: per sample, seeded by the sample's key and
+the step (the stage draws it per batch from the global generator, which two ranks cannot split the way one process
+does), so the two runs see the same noise and the same data, and differ only in how gradients are summed. This file
+is also the 2-rank worker: ``torchrun --nproc_per_node 2 tests/test_scale_ddp.py --worker ARGS``.
 """
 
 from __future__ import annotations
