@@ -6,16 +6,19 @@ Nothing here is a distributed layer of its own; everything plugs into Lightning'
 - :class:`AvatarWrapPolicy`: the FSDP auto-wrap policy. One FSDP unit per :class:`~dystream.models.dit.AvatarBlock`
   and one per other child of every AvatarDiT (patch / text / time embeddings, head, audio tokenizer) and of the
   stage-2 discriminator, in every network of a stage: trained, EMA and frozen teacher alike, so the frozen
-  teacher is sharded too. A stage with manual optimization (SiD, GAN) runs its backward passes inside the
-  forward of the root FSDP unit, where FSDP cannot reduce gradients (Lightning-AI/pytorch-lightning#19685);
-  the policy therefore leaves no trainable parameter in the root and refuses, at startup, a stage that would.
-- :class:`FSDPMixedPrecision`: Lightning's FSDP precision plugin with fp32 buffers and gradient reductions (the
-  RoPE-free but statistics-carrying buffers and the time modulation stay exact), autocast on the device in use,
-  and gradient-norm clipping per optimizer, which Lightning does not offer under FSDP: the norm of sharded
-  gradients is the square root of the all-reduced sum of the local squares.
+  teacher is sharded too.
+- :class:`FSDPUnits`: applies the strategy's policy unit by unit at ``setup``, so Lightning adds no root unit around
+  the LightningModule. A stage with manual optimization (SiD, GAN) calls backward inside ``training_step``, which
+  under a root unit is inside that unit's forward, where FSDP's end-of-backward never runs
+  (Lightning-AI/pytorch-lightning#19685). A trainable parameter outside every unit is refused at startup.
+- :class:`FSDPMixedPrecision`: Lightning's FSDP precision plugin with fp32 buffers and gradient reductions, autocast
+  on the device in use, and gradient-norm clipping per optimizer, which Lightning does not offer under FSDP: the norm
+  of sharded gradients is the square root of the all-reduced sum of the local squares.
+- :class:`ActivationCheckpointing`: per-block activation checkpointing for DDP and DeepSpeed (FSDP has its own).
 - :class:`StrategyCheck`: fails at startup, naming the stage and the strategy, where a combination cannot work
-  (two optimizers under DeepSpeed, manual optimization under DDP without ``find_unused_parameters``, gradient
-  clipping under an FSDP sharding that replicates gradients).
+  (two optimizers under DeepSpeed, manual optimization under DDP without ``find_unused_parameters`` or under FSDP
+  without :class:`FSDPUnits`, double-backward penalties under FSDP, clipping under an FSDP sharding that replicates
+  gradients).
 - :class:`ResumeState`: every rank's RNG states (torch, CUDA, numpy, python) in every checkpoint, restored right
   before the first training batch after a resume, so a resumed run draws the same noise as an uninterrupted one.
 - :func:`shards_parameters`: whether a strategy shards the parameters (FSDP, ZeRO-3); stages then skip their
@@ -382,6 +385,12 @@ class StrategyCheck(Callback):
                     "--trainer.strategy.init_args.find_unused_parameters=true (recipes/scale/ddp.yaml does)."
                 )
         elif isinstance(strategy, FSDPStrategy) and not pl_module.automatic_optimization:
+            if getattr(pl_module, "hparams", {}).get("penalty") == "exact":
+                raise RuntimeError(
+                    f"{name} with penalty=exact under {where}: the exact R1/R2 penalties differentiate a gradient "
+                    "(double backward), which FSDP does not support. Set --model.init_args.penalty=finite_difference "
+                    "(the variant meant for large, sharded models)."
+                )
             if not any(isinstance(c, FSDPUnits) for c in trainer.callbacks):
                 raise RuntimeError(
                     f"{name} uses manual optimization; under {where} it needs the dystream.scale.FSDPUnits callback "

@@ -104,6 +104,22 @@ def test_manual_optimization_under_fsdp_needs_the_units_callback(files):  # noqa
     scale.StrategyCheck().setup(_trainer(FSDPStrategy(), [scale.FSDPUnits()]), stage, "fit")
 
 
+def test_exact_double_backward_penalties_under_fsdp_are_refused():
+    import lightning as L
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class GANLike(L.LightningModule):
+        def __init__(self, penalty: str) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.automatic_optimization = False
+
+    trainer = _trainer(FSDPStrategy(), [scale.FSDPUnits()])
+    with pytest.raises(RuntimeError, match=r"GANLike with penalty=exact under FSDPStrategy.*finite_difference"):
+        scale.StrategyCheck().setup(trainer, GANLike("exact"), "fit")
+    scale.StrategyCheck().setup(trainer, GANLike("finite_difference"), "fit")
+
+
 def test_which_strategies_shard_parameters():
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
