@@ -240,7 +240,7 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
             out = generate(spec, clips.references, clips.audio_self, clips.audio_other, clips.masks,
                            seed=cfg.seed, batch_size=cfg.batch_size, device=device)  # fmt: skip
         except (RuntimeError, ValueError, OSError) as e:  # e.g. an export older than the model code
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = " ".join(str(e).split())[:300] or type(e).__name__  # e.g. the missing state-dict keys
             reason = NA(f"{spec.name} could not generate ({type(e).__name__}: {first}); re-export it with "
                         f"make train RECIPE={spec.recipe or '<its stage>'}")  # fmt: skip
             log(f"eval: {spec.name}: {reason}")
@@ -252,6 +252,9 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
         rows.append(Row(spec.name, spec.kind, result.values, steps=out.steps, resolution=res, time_per_5s=per5))
 
     nets = {k: (v.sha256[:12] if v else "given") for k, v in suite.weights.items()}
+    sync_info = suite.weights.get("sync")
+    sync_name = "SyncNet v2" if sync_info is not None and sync_info.name == "syncnet_v2" else "the synthetic SyncNet"
+    pose_name = "the synthetic pose network" if suite.pose_features else "DWPose"
     notes = [
         f"{n} clips of {cfg.clips.shards} (first in shard order: {', '.join(clips.keys[:3])}"
         f"{', ...' if n > 3 else ''}), "
@@ -260,11 +263,11 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
         "FD-pose / FD-sync: Fréchet distances of the synthetic pose network's per-frame embeddings / the synthetic "
         "SyncNet's 5-frame lip-window embeddings, against the ground-truth row; they are not FID/FVD and only compare "
         "rows of this table.",
-        f"Sync-C/D: synthetic SyncNet, syncnet_python protocol (face crops, MFCC, +-{cfg.metrics.vshift} frames), "
-        f"segments: {cfg.metrics.sync_segments}; face boxes from the {suite.box_source}. Not comparable with "
-        "SyncNet v2 numbers.",
-        "HKV, LBKV/LHKV/LFKV: keypoints of the synthetic pose network (dwpose134 layout, px^2 at a 512-pixel frame "
-        "height, tau 0.3, listening segments >= 25 frames); the exact-keypoints row uses the synthetic world's labels.",
+        f"Sync-C/D: {sync_name}, syncnet_python protocol (face crops, MFCC, +-{cfg.metrics.vshift} frames), "
+        f"segments: {cfg.metrics.sync_segments}; face boxes from the {suite.box_source}."
+        + (" Not comparable with SyncNet v2 numbers." if sync_name != "SyncNet v2" else ""),
+        f"HKV, LBKV/LHKV/LFKV: keypoints of {pose_name} (dwpose134 layout, px^2 at a 512-pixel frame height, tau 0.3, "
+        "listening segments >= 25 frames); the exact-keypoints row uses the clips' keypoint labels.",
         f"Identity drift: RMS difference of 64x64 frames to the reference image in [0, 1] (pixel_rms_64: appearance, "
         f"not identity), buckets of {cfg.metrics.drift_bucket_s:g} s, slope by least squares.",
         f"Time: wall time per clip (audio features, DiT, VAE decode) scaled to 5 s of video, device {cfg.device} "

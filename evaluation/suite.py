@@ -34,6 +34,7 @@ from dystream.evaluation.identity import identity_drift
 from dystream.evaluation.keypoints import DWPOSE_134, hkc, hkv, listening_variances
 from dystream.evaluation.metric_nets import DEFAULT_POSE, DEFAULT_SYNCNET, load_metric_pose, load_metric_syncnet
 from dystream.evaluation.networks.pose_small import PoseNetBackend
+from dystream.evaluation.networks.syncnet import load_syncnet
 from dystream.evaluation.sync import KeypointFaceBoxes, SyncNetScorer, crop_faces, sync_scores
 from dystream.evaluation.weights import MetricUnavailable, WeightsInfo
 
@@ -96,8 +97,13 @@ class SuiteConfig:
     """Networks and protocol of the metric suite.
 
     Args:
-        syncnet: the synthetic SyncNet file (None: Sync-C/D and FD-sync are n/a).
-        pose: the synthetic keypoint regressor file (None: HKV, LxKV and FD-pose are n/a).
+        syncnet: the SyncNet file: the synthetic SyncNet (`*.safetensors`, arch `metric_syncnet`) or the published
+            `syncnet_v2.model` (any other file name; SyncNet v2 through `load_syncnet`). None: Sync-C/D and FD-sync
+            are n/a.
+        pose: the synthetic keypoint regressor file (None: HKV, LxKV and FD-pose are n/a, unless DWPose is given).
+        dwpose_det: DWPose's `yolox_l.onnx`; with `dwpose_pose`, DWPose (dwpose134 output) replaces the synthetic
+            pose network for the keypoint metrics and the face boxes, and FD-pose is n/a (DWPose gives no embedding).
+        dwpose_pose: DWPose's `dw-ll_ucoco_384.onnx`.
         fid_inception: `pt_inception-2015-12-05-6726825d.pth` for FID (None: n/a).
         i3d: `i3d_torchscript.pt` for FVD (None: n/a); needs `i3d_sha256`.
         i3d_sha256: the sha256 you trust for the I3D TorchScript file (it runs code when loaded).
@@ -112,6 +118,8 @@ class SuiteConfig:
 
     syncnet: str | None = DEFAULT_SYNCNET
     pose: str | None = DEFAULT_POSE
+    dwpose_det: str | None = None
+    dwpose_pose: str | None = None
     fid_inception: str | None = None
     i3d: str | None = None
     i3d_sha256: str | None = None
@@ -163,8 +171,14 @@ class MetricSuite:
         self.scorer: SyncNetScorer | None = None
         self.pose: PoseNetBackend | None = None
         self.fid_extractor = self.i3d_extractor = None
+        self.pose_features = True  # whether the pose backend gives FD-pose embeddings
         try:
-            net, info = (syncnet, None) if syncnet is not None else load_metric_syncnet(cfg.syncnet, self.device)
+            if syncnet is not None:
+                net, info = syncnet, None
+            elif cfg.syncnet is not None and not str(cfg.syncnet).endswith(".safetensors"):
+                net, info = load_syncnet(cfg.syncnet, device=self.device)  # the published SyncNet v2
+            else:
+                net, info = load_metric_syncnet(cfg.syncnet, self.device)
             self.scorer = SyncNetScorer(
                 net, info, vshift=cfg.vshift, min_segment_frames=cfg.min_segment_frames, device=self.device
             )
@@ -172,9 +186,16 @@ class MetricSuite:
         except MetricUnavailable as e:
             self.unavailable["sync"] = str(e)
         try:
-            net, info = (pose, None) if pose is not None else load_metric_pose(cfg.pose, self.device)
-            self.pose = PoseNetBackend(net, device=self.device)
-            self.weights["pose"] = info
+            if pose is None and (cfg.dwpose_det is not None or cfg.dwpose_pose is not None):
+                from dystream.evaluation.networks.dwpose import DWPoseBackend
+
+                self.pose = DWPoseBackend(cfg.dwpose_det, cfg.dwpose_pose, output_layout="dwpose134")
+                self.weights["pose"] = self.pose.pose_info
+                self.pose_features = False
+            else:
+                net, info = (pose, None) if pose is not None else load_metric_pose(cfg.pose, self.device)
+                self.pose = PoseNetBackend(net, device=self.device)
+                self.weights["pose"] = info
         except MetricUnavailable as e:
             self.unavailable["pose"] = str(e)
         try:
@@ -197,10 +218,14 @@ class MetricSuite:
 
     @property
     def box_source(self) -> str:
-        return "synthetic pose network (face keypoints)" if self.pose is not None else "ground-truth keypoints"
+        if self.pose is None:
+            return "ground-truth keypoints"
+        return "synthetic pose network (face keypoints)" if self.pose_features else "DWPose (face keypoints)"
 
     def na(self, metric: str) -> NA | None:
         """NA(reason) if `metric`'s network is missing, else None."""
+        if metric == "fd_pose" and self.pose is not None and not self.pose_features:
+            return NA("FD-pose needs the synthetic pose network's embedding; DWPose gives none")
         need = NEEDS.get(metric)
         return NA(self.unavailable[need]) if need in self.unavailable else None
 
@@ -222,7 +247,7 @@ class MetricSuite:
             kpts = np.asarray(video.kpts, dtype=np.float32)
         elif self.pose is not None:
             kpts = self.pose(video.frames)
-        if self.pose is not None:
+        if self.pose is not None and self.pose_features:
             feats["fd_pose"] = self.pose.features(video.frames)
         if kpts is not None:
             out["hkc"] = hkc(kpts, DWPOSE_134)

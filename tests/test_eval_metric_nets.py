@@ -21,7 +21,7 @@ from dystream.evaluation.networks.pose_small import (
 )
 from dystream.evaluation.networks.syncnet_small import PRESETS, SmallSyncNet, SmallSyncNetConfig
 from dystream.evaluation.sync import KeypointFaceBoxes, SyncNetScorer
-from dystream.evaluation.train_pose import simcc_loss
+from dystream.evaluation.train_pose import augment, simcc_loss
 from dystream.evaluation.train_syncnet import (
     contrastive_sync_loss,
     lip_sequence,
@@ -212,6 +212,23 @@ def test_pose_training_loss_falls(clips):
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
+
+
+def test_pose_augmentation_moves_keypoints_with_the_frame():
+    s, n = 32, 6
+    frames = -torch.ones(n, 3, s, s)
+    target = torch.zeros(n, 2, 3)
+    for i in range(n):
+        x, y = 6 + 4 * i, 20 - 2 * i
+        frames[i, :, y, x] = 1.0  # one bright pixel, centred at (x + 0.5, y + 0.5)
+        target[i, 0] = torch.tensor([x + 0.5, y + 0.5, 1.0])
+        target[i, 1] = torch.tensor([0.5, s - 0.5, 1.0])  # a corner point: the shift may push it out of the frame
+    out, kp = augment(frames, target, torch.Generator().manual_seed(0), shift=0.2)
+    for i in range(n):
+        y, x = divmod(int(out[i].sum(0).argmax()), s)  # gains and channel order keep the dot the brightest spot
+        assert abs(float(kp[i, 0, 0]) - (x + 0.5)) <= 1.0 and abs(float(kp[i, 0, 1]) - (y + 0.5)) <= 1.0
+    outside = ((kp[..., :2] < 0) | (kp[..., :2] > s)).any(-1)
+    assert outside.any() and bool((kp[..., 2][outside] == 0).all()) and bool((kp[..., 2][~outside] == 1).all())
 
 
 # -- export, loading, the missing-weights message -------------------------------------------------

@@ -145,3 +145,13 @@ def test_eval_cli_end_to_end_with_a_missing_network_and_a_missing_model(tmp_path
     assert isinstance(exact["values"]["hkv"], float) and "sync_c" not in exact["values"]
     assert "make train RECIPE=stage1_sid" in sid["values"]["hkv"]["na"]
     assert isinstance(gt["values"]["drift_mean"], float) and len(doc["meta"]["per_video"]["ground_truth"]) == 3
+
+
+def test_suite_takes_the_published_networks_when_given(tmp_path):
+    from dystream.evaluation.networks.syncnet import SyncNetV2
+
+    torch.save(SyncNetV2().state_dict(), tmp_path / "syncnet_v2.model")  # random weights at the real key names
+    suite = MetricSuite(SuiteConfig(syncnet=str(tmp_path / "syncnet_v2.model"), pose=None,
+                                    dwpose_det=str(tmp_path / "yolox_l.onnx"), dwpose_pose=None))  # fmt: skip
+    assert isinstance(suite.scorer.net, SyncNetV2) and suite.weights["sync"].name == "syncnet_v2"
+    assert "yolox_l.onnx" in suite.unavailable["pose"]  # DWPose asked for, its files missing: n/a, no fallback

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
 from dystream.evaluation.networks.pose_small import PRESETS, PoseRegressor
-from dystream.evaluation.train_pose import batch_frames, simcc_loss
+from dystream.evaluation.train_pose import augment, batch_frames, simcc_loss
 from dystream.stages.metric_syncnet import one_cycle
 from dystream.zoo.files import save_model
 
@@ -32,6 +32,7 @@ class PoseTrainer(L.LightningModule):
     Args:
         preset: `PoseRegressor` preset (`synthetic-64`, `tiny`).
         frames_per_clip: frames of each window used per step.
+        augment: random framing and colour of the training frames (`dystream.evaluation.train_pose.augment`).
         label_sigma: standard deviation of the SimCC Gaussian labels, in bins.
         vis_weight: weight of the visibility loss.
         lr: AdamW learning rate.
@@ -44,6 +45,7 @@ class PoseTrainer(L.LightningModule):
         self,
         preset: str = "synthetic-64",
         frames_per_clip: PositiveInt = 4,
+        augment: bool = True,
         label_sigma: PositiveFloat = 1.5,
         vis_weight: NonNegativeFloat = 0.5,
         lr: PositiveFloat = 2e-3,
@@ -59,9 +61,11 @@ class PoseTrainer(L.LightningModule):
         self.export_dir = Path(export_dir)
         self._gen = torch.Generator().manual_seed(seed)
 
-    def _step(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _step(self, batch: dict[str, Any], generator: torch.Generator, train: bool = False) -> tuple[Tensor, Tensor]:
         c = self.net.config
         frames, target = batch_frames(batch, self.hparams.frames_per_clip, c.input_size, generator)
+        if train and self.hparams.augment:
+            frames, target = augment(frames, target, generator)
         out = self.net(frames)
         loss = simcc_loss(out, target, c.split_ratio, self.hparams.label_sigma, self.hparams.vis_weight)
         with torch.no_grad():  # mean pixel error of the visible keypoints, in input pixels
@@ -72,7 +76,7 @@ class PoseTrainer(L.LightningModule):
         return loss, px
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, px = self._step(batch, self._gen)
+        loss, px = self._step(batch, self._gen, train=True)
         b = batch["video"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/px_error", px, batch_size=b)
