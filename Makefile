@@ -90,3 +90,17 @@ ZOO_STAGES = $(foreach s,$(CHAIN),$(if $(wildcard recipes/$(s).yaml),$(s)))
 .PHONY: zoo
 zoo: $(STAMP) | $$(foreach s,$$(ZOO_STAGES),$$(call done,$$(s))) ## build the local zoo entries from our recipes' exports (trains missing stages)
 	$(DYSTREAM) zoo build-local --runs $(RUNS)
+
+# Evaluation (docs/evaluation.md): the synthetic metric networks are trained first when missing (a few minutes
+# each on a CPU); `dystream eval` then evaluates whichever stage exports of recipes/eval.yaml exist, and a missing
+# export becomes an n/a row naming its recipe instead of starting the training chain. OMP_WAIT_POLICY=PASSIVE keeps
+# idle OpenMP threads from spinning: several times faster on a busy machine, harmless elsewhere.
+METRIC_NETS := $(RUNS)/metric_syncnet/syncnet.safetensors $(RUNS)/metric_pose/pose.safetensors
+$(RUNS)/metric_syncnet/syncnet.safetensors: | $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(DYSTREAM) fit --config recipes/metric_syncnet.yaml
+$(RUNS)/metric_pose/pose.safetensors: | $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(DYSTREAM) fit --config recipes/metric_pose.yaml
+
+.PHONY: eval
+eval: $(STAMP) | $(METRIC_NETS) ## benchmark tables -> docs/results/ (trains the synthetic metric networks first if missing)
+	OMP_WAIT_POLICY=PASSIVE $(DYSTREAM) eval --config recipes/eval.yaml $(ARGS)
