@@ -255,6 +255,13 @@ class EvaluationCallback(Callback):
         if not self._active or batch_idx >= self.max_batches or self.suite is None:
             return
         wanted = [m for m in self.metrics if m not in self.unavailable]
+        missing = [k for k in ("video", "audio_self", "mask") if k not in batch]
+        if missing:  # e.g. a student validating on ODE-pair batches: nothing to compare with, not an error
+            reason = f"the validation batches have no {missing} (the callback needs SpeakerVid batches)"
+            for m in wanted:
+                self.unavailable[m] = reason
+                self._report(trainer, m, reason)
+            return
         if not wanted:
             return
         videos = stage_samples(pl_module, batch, batch_idx, self.sample_method, self.output, self.seed)

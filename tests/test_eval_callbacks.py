@@ -192,3 +192,11 @@ def test_stage_samples_decodes_latents_and_checks_the_method(batches):
         stage_samples(FakeStage(), batches[0], 1, method="generate")
     with pytest.raises(ValueError, match="unknown"):
         EvaluationCallback(metrics=["fid", "lpips"])
+
+
+def test_evaluation_callback_reports_batches_it_cannot_use(tmp_path, batches):
+    cb = EvaluationCallback(metrics=["drift_mean"], syncnet=None, pose=None, cache_dir=str(tmp_path / "cache"))
+    pairs = [{k: v for k, v in b.items() if k not in ("video", "audio_self")} for b in batches]  # e.g. ODE pairs
+    stage = FakeStage()
+    _trainer(tmp_path, [cb]).validate(stage, dataloaders=_loader(pairs))
+    assert stage.calls == 0 and "no ['video', 'audio_self']" in cb.unavailable["drift_mean"]
