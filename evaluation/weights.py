@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "METRIC_WEIGHTS",
+    "TRAINED_METRIC_WEIGHTS",
     "MetricDependencyMissing",
     "MetricUnavailable",
     "MetricWeightsMissing",
@@ -87,6 +88,15 @@ METRIC_WEIGHTS: dict[str, MetricWeightsSpec] = {
             metric="HKC / HKV / LBKV / LHKV / LFKV (133-keypoint whole-body pose)",
             origin="https://huggingface.co/yzd-v/DWPose (dw-ll_ucoco_384.onnx)",
         ),
+    )
+}
+
+
+# Metric networks trained here on the synthetic world (not published; `dystream.evaluation.metric_nets`): kept apart
+# from METRIC_WEIGHTS, which lists the published files the zoo provides.
+TRAINED_METRIC_WEIGHTS: dict[str, MetricWeightsSpec] = {
+    spec.name: spec
+    for spec in (
         MetricWeightsSpec(
             name="metric_syncnet",
             filename="syncnet.safetensors",
@@ -121,7 +131,7 @@ class MetricWeightsMissing(MetricUnavailable, FileNotFoundError):
     """
 
     def __init__(self, name: str, reason: str) -> None:
-        spec = METRIC_WEIGHTS.get(name)
+        spec = METRIC_WEIGHTS.get(name) or TRAINED_METRIC_WEIGHTS.get(name)
         filename = spec.filename if spec else name
         metric = f" for {spec.metric}" if spec else ""
         origin = f" It is published at {spec.origin}." if spec else ""
