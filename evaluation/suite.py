@@ -96,6 +96,8 @@ class EvalVideo:
 class SuiteConfig:
     """Networks and protocol of the metric suite.
 
+    Every weight field takes a path or a zoo entry name (resolved from the zoo cache, `dystream zoo import`).
+
     Args:
         syncnet: the SyncNet file: the synthetic SyncNet (`*.safetensors`, arch `metric_syncnet`) or the published
             `syncnet_v2.model` (any other file name; SyncNet v2 through `load_syncnet`). None: Sync-C/D and FD-sync
@@ -164,7 +166,7 @@ class MetricSuite:
         pose: Any = None,
     ) -> None:
         """`syncnet` / `pose` may pass already-built networks (tests, callbacks) instead of the files in `config`."""
-        self.config = cfg = config or SuiteConfig()
+        self.config = cfg = _resolve_zoo_names(config or SuiteConfig())
         self.device = torch.device(device)
         self.unavailable: dict[str, str] = {}
         self.weights: dict[str, WeightsInfo | None] = {}
@@ -324,6 +326,28 @@ class MetricSuite:
         if real.meta.get("sha256") != fake.meta.get("sha256"):
             return NA(f"real and generated features come from different {name} networks")
         return float(frechet_distance(real, fake))
+
+
+def _resolve_zoo_names(cfg: SuiteConfig) -> SuiteConfig:
+    """Weight fields may name zoo entries (`fid_inception`, `syncnet_v2`, `syncnet-small.synthetic`, ...) instead of
+    paths: an entry in the zoo cache (`dystream zoo import NAME PATH`) resolves to its verified file. A name that is
+    not cached stays as it is, and the loader then reports the missing file."""
+    import dataclasses
+    from pathlib import Path
+
+    from dystream.zoo import is_entry, resolve
+
+    fields = ("syncnet", "pose", "dwpose_det", "dwpose_pose", "fid_inception", "i3d")
+    out = {}
+    for name in fields:
+        value = getattr(cfg, name)
+        if value is None or Path(value).exists() or not is_entry(str(value)):
+            continue
+        try:
+            out[name] = str(resolve(str(value)))
+        except (FileNotFoundError, OSError, ValueError, RuntimeError):
+            continue  # not in the cache: the loader's MetricWeightsMissing names the file
+    return dataclasses.replace(cfg, **out) if out else cfg
 
 
 def _mean(rows: Sequence[dict[str, float]], key: str) -> Value:

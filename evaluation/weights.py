@@ -141,8 +141,9 @@ class MetricWeightsMissing(MetricUnavailable, FileNotFoundError):
             how = f" {spec.provide}; nothing is downloaded at run time."
         else:
             how = (
-                f"{origin} Provide the file with the path argument of the loader (the zoo command `dystream zoo "
-                f"import {name} PATH` will register it once it exists); nothing is downloaded at run time."
+                f"{origin} Provide the file with the path argument of the loader, or register it with `dystream zoo "
+                f"import {name} PATH` and give the entry name (dystream eval resolves it); nothing is downloaded at "
+                "run time."
             )
         super().__init__(f"metric weights '{filename}'{metric} unavailable: {reason}.{how}")
 

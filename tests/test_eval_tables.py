@@ -155,3 +155,14 @@ def test_suite_takes_the_published_networks_when_given(tmp_path):
                                     dwpose_det=str(tmp_path / "yolox_l.onnx"), dwpose_pose=None))  # fmt: skip
     assert isinstance(suite.scorer.net, SyncNetV2) and suite.weights["sync"].name == "syncnet_v2"
     assert "yolox_l.onnx" in suite.unavailable["pose"]  # DWPose asked for, its files missing: n/a, no fallback
+
+
+def test_suite_resolves_zoo_entry_names(tmp_path, monkeypatch):
+    import dystream.zoo
+
+    path = save_model(SmallSyncNet(PRESETS["tiny"]), tmp_path / "cached.safetensors", arch="metric_syncnet")
+    monkeypatch.setattr(dystream.zoo, "is_entry", lambda name: name == "syncnet-small.synthetic")
+    monkeypatch.setattr(dystream.zoo, "resolve", lambda name: path)  # what the zoo cache gives for the entry
+    suite = MetricSuite(SuiteConfig(syncnet="syncnet-small.synthetic", pose=None))
+    assert "sync" not in suite.unavailable and suite.weights["sync"].path == str(path)
+    assert "pose" in suite.unavailable
