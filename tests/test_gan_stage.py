@@ -193,7 +193,7 @@ def test_fit_updates_the_right_networks_exports_and_resumes(files, tmp_path):  #
     assert _changed(stage.ema.shadow, ema_before) and not _changed(stage.cond, before["cond"])
 
     last = tmp_path / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, weights_only=False, map_location="cpu")
+    ckpt = torch.load(last, weights_only=True, map_location="cpu")
     assert len(ckpt["optimizer_states"]) == 2
     keys = ckpt["state_dict"].keys()
     assert not any(k.startswith("cond.") for k in keys)

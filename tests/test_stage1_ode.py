@@ -112,7 +112,7 @@ def test_fit_checkpoints_exports_and_resumes(files, pairs, tmp_path):  # noqa: F
     stage = _stage(files, export_dir=str(tmp_path), ema_decay=0.5)
     trainer(1).fit(stage, datamodule=ODEPairDataModule(pairs=str(pairs), batch_size=2))
     last = tmp_path / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, weights_only=False, map_location="cpu")
+    ckpt = torch.load(last, weights_only=True, map_location="cpu")
     keys = ckpt["state_dict"].keys()
     assert not any(k.startswith("cond.") for k in keys)  # frozen networks are reloaded from their files
     assert any(k.startswith("student.") for k in keys) and any(k.startswith("ema.shadow.") for k in keys)

@@ -120,7 +120,7 @@ def test_one_sid_step_updates_the_right_parameters_and_resumes(files, tmp_path):
     assert not _changed(stage.teacher, before["teacher"]) and not _changed(stage.cond, before["cond"])
 
     last = tmp_path / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, weights_only=False, map_location="cpu")
+    ckpt = torch.load(last, weights_only=True, map_location="cpu")
     assert len(ckpt["optimizer_states"]) == 2
     keys = ckpt["state_dict"].keys()
     assert not any(k.startswith(("teacher.", "cond.")) for k in keys)
