@@ -43,7 +43,7 @@ from torch import Tensor
 
 from dystream.diffusion.rollout import CacheWrite, RenoiseMode, student_rollout
 from dystream.diffusion.sampling import AudioGuidance, predict_x0
-from dystream.diffusion.schedule import add_noise, expand_sigma, frame_sigmas, sample_training_sigma, student_sigmas
+from dystream.diffusion.schedule import add_noise, expand_sigma, frame_sigmas, student_sigmas
 from dystream.objectives.sid import SiDWeighting, fake_score_loss, sid_generator_loss
 from dystream.stages.common import EMA, freeze
 from dystream.stages.conditioning import AvatarConditioner, build_dit
@@ -133,21 +133,6 @@ class SiDStage(StudentStage):
         self.export_dir = Path(export_dir)
         self.register_buffer("sid_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))
-
-    # -- rank-synchronised draws -------------------------------------------------------------------
-    def draw_exit_steps(self, num_chunks: int) -> list[int]:
-        """One exit step per chunk (or one for all), drawn on rank 0 and broadcast to every rank."""
-        n = self.sigmas.numel()
-        k = 1 if self.hparams.same_exit_step else num_chunks
-        steps = torch.randint(0, n, (k,)).tolist()
-        if self._trainer is not None:
-            steps = self.trainer.strategy.broadcast(steps, src=0)
-        return steps * num_chunks if self.hparams.same_exit_step else steps
-
-    def draw_sigma(self, batch_size: int, device: torch.device) -> Tensor:
-        """Noise level ``[B]`` of the student's sample: uniform, shifted, clamped (notes §1.3)."""
-        sigma = sample_training_sigma(batch_size, distribution="uniform", shift=self.hparams.sigma_shift)
-        return sigma.clamp(self.hparams.min_sigma, self.hparams.max_sigma).to(device)
 
     def grad_chunk_indices(self, num_chunks: int) -> list[int]:
         k = self.hparams.grad_chunks

@@ -62,7 +62,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from dystream.diffusion.rollout import CacheWrite, RenoiseMode, student_rollout
-from dystream.diffusion.schedule import add_noise, frame_sigmas, sample_training_sigma, student_sigmas
+from dystream.diffusion.schedule import add_noise, frame_sigmas, student_sigmas
 from dystream.models.discriminator import ConsistencyAwareDiscriminator, DiscriminatorConfig, DiscriminatorOutput
 from dystream.objectives.gan import (
     discriminator_accuracy,
@@ -216,23 +216,6 @@ class GANStage(StudentStage):
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("d_acc_ema", torch.full((), 0.5))
         self.register_buffer("saturated_steps", torch.zeros((), dtype=torch.long))
-
-    # -- rank-synchronised draws (as the SiD stage) -------------------------------------------------
-    def draw_exit_steps(self, num_chunks: int) -> list[int]:
-        """One exit step per chunk (or one for all), drawn on rank 0 and broadcast to every rank."""
-        n = self.sigmas.numel()
-        k = 1 if self.hparams.same_exit_step else num_chunks
-        steps = torch.randint(0, n, (k,)).tolist()
-        if self._trainer is not None:
-            steps = self.trainer.strategy.broadcast(steps, src=0)
-        return steps * num_chunks if self.hparams.same_exit_step else steps
-
-    def draw_sigma(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        """Noise level ``[B]`` of the discriminator's inputs: uniform, shifted, clamped (notes §1.3)."""
-        sigma = sample_training_sigma(
-            batch_size, distribution="uniform", shift=self.hparams.sigma_shift, generator=generator
-        )
-        return sigma.clamp(self.hparams.min_sigma, self.hparams.max_sigma).to(device)
 
     def grad_chunk_indices(self, num_chunks: int) -> list[int]:
         k = self.hparams.grad_chunks

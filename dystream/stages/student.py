@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 
 from dystream.diffusion.rollout import CacheWrite, RenoiseMode, student_rollout
+from dystream.diffusion.schedule import sample_training_sigma
 from dystream.models.dit import AvatarDiT
 from dystream.scale import exports_during_training, loads_state_before_hooks
 from dystream.stages.conditioning import AvatarConditioner, build_dit
@@ -131,6 +132,23 @@ class StudentStage(L.LightningModule):
                 f"frames, so the window must be a multiple of {4 * chunk} frames"
             )
         return t // (4 * chunk)
+
+    # -- rank-synchronised draws (SiD and GAN stages; hparams same_exit_step, sigma_shift, min/max_sigma) ----
+    def draw_exit_steps(self, num_chunks: int) -> list[int]:
+        """One exit step per chunk (or one for all), drawn on rank 0 and broadcast to every rank."""
+        n = self.sigmas.numel()
+        k = 1 if self.hparams.same_exit_step else num_chunks
+        steps = torch.randint(0, n, (k,)).tolist()
+        if self._trainer is not None:
+            steps = self.trainer.strategy.broadcast(steps, src=0)
+        return steps * num_chunks if self.hparams.same_exit_step else steps
+
+    def draw_sigma(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """Noise level ``[B]`` for noising student/real samples: uniform, shifted, clamped (notes §1.3)."""
+        sigma = sample_training_sigma(
+            batch_size, distribution="uniform", shift=self.hparams.sigma_shift, generator=generator
+        )
+        return sigma.clamp(self.hparams.min_sigma, self.hparams.max_sigma).to(device)
 
     @torch.no_grad()
     def sample(
