@@ -25,7 +25,7 @@ import math
 import numpy as np
 from scipy.fft import dct
 
-__all__ = ["fbank", "mel_filterbank", "mfcc", "num_mfcc_frames"]
+__all__ = ["fbank", "mel_filterbank", "mfcc", "mfcc_pcm16", "num_mfcc_frames"]
 
 
 def _round_half_up(x: float) -> int:
@@ -123,3 +123,12 @@ def mfcc(
     if append_energy:
         cep[:, 0] = np.log(energy)
     return cep
+
+
+def mfcc_pcm16(audio: np.ndarray, samplerate: int = 16000) -> np.ndarray:
+    """MFCC [numframes, 13] of audio on the scale the reference tools (SyncNet, TalkNet, Light-ASD) read from 16-bit
+    wav files: float audio in [-1, 1] is scaled to the int16 range (x 32768), integer samples are taken as they are."""
+    a = np.asarray(audio)
+    if np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float64) * 32768.0
+    return mfcc(a, samplerate=samplerate)

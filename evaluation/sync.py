@@ -12,8 +12,9 @@ Face crops (run_pipeline.py `crop_video`): per frame box -> size s = max(w, h) /
 over 13 frames; the frame is padded by int(s (1 + 2 cs)) with value 110, cs = 0.4, and the crop rows
 [cy - s, cy + s (1 + 2 cs)), columns [cx - s (1 + cs), cx + s (1 + cs)) (extended downward over mouth and chin) are
 resized to 224x224 (bilinear). The box source is pluggable (`BoxSource`): ground-truth boxes from face keypoints, or a
-detector/pose network whose weights are provided. The reference uses S3FD boxes and re-encodes the crops as XVID;
-other detectors shift the numbers a little, so results name their box source.
+detector/pose network whose weights are provided. The reference uses S3FD boxes (`S3FDFaceBoxes` of
+`dystream.evaluation.networks.s3fd` with sfd_face.pth) and re-encodes the crops as XVID; other detectors shift the
+numbers a little, so results name their box source.
 
 StreamAvatar deviation, as the notes recommend: scores are computed on speaking segments only (listening frames and
 the zero padding both pull the median towards the minimum and deflate Sync-C). Each contiguous speaking run of at least
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from scipy.signal import medfilt
 
 from dystream.evaluation.keypoints import PoseBackend, mask_runs
-from dystream.evaluation.mfcc import mfcc
+from dystream.evaluation.mfcc import mfcc_pcm16
 from dystream.evaluation.networks.syncnet import SyncNetV2, load_syncnet
 from dystream.evaluation.weights import WeightsInfo
 
@@ -253,10 +254,7 @@ class SyncNetScorer:
     def audio_features(audio: np.ndarray) -> np.ndarray:
         """16 kHz mono -> MFCC [13, n_frames] at 100 Hz. Float audio in [-1, 1] is scaled to the int16 range
         (x 32768), which is what the reference reads from its wav files."""
-        a = np.asarray(audio)
-        if np.issubdtype(a.dtype, np.floating):
-            a = a.astype(np.float64) * 32768.0
-        return mfcc(a, samplerate=16000).T
+        return mfcc_pcm16(audio, samplerate=16000).T
 
     @torch.no_grad()
     def embed(self, crops: np.ndarray, audio: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class MetricWeightsSpec:
     provide: str = ""  # how to get a file that is not published (our synthetic metric networks are trained here)
 
 
+_LIGHT_ASD = "https://github.com/Junhua-Liao/Light-ASD/raw/ed38c232de5efe0261dbd68627c0ade7cdfe14eb/weight"
+
 # name -> spec. Sources: notes/metrics.md §1.1 (FID), §2.1 (FVD), §3.1 (SyncNet), §4.1 (DWPose).
 METRIC_WEIGHTS: dict[str, MetricWeightsSpec] = {
     spec.name: spec
@@ -87,6 +90,28 @@ METRIC_WEIGHTS: dict[str, MetricWeightsSpec] = {
             filename="dw-ll_ucoco_384.onnx",
             metric="HKC / HKV / LBKV / LHKV / LFKV (133-keypoint whole-body pose)",
             origin="https://huggingface.co/yzd-v/DWPose (dw-ll_ucoco_384.onnx)",
+        ),
+        # Active-speaker detection (notes/data_and_vae.md §1.6): speaking masks of real clips, hence the speaking
+        # segments Sync-C/D is scored on. Light-ASD ships its weights in its git repository; S3FD's come from the
+        # Google Drive link that TalkNet-ASD and Light-ASD download (no hash published for either).
+        MetricWeightsSpec(
+            name="light_asd_ava",
+            filename="pretrain_AVA_CVPR.model",
+            metric="speaking masks by active-speaker detection (dystream data pack --asd-weights)",
+            origin=f"{_LIGHT_ASD}/pretrain_AVA_CVPR.model",
+        ),
+        MetricWeightsSpec(
+            name="light_asd_talkset",
+            filename="finetuning_TalkSet.model",
+            metric="speaking masks by active-speaker detection (dystream data pack --asd-weights)",
+            origin=f"{_LIGHT_ASD}/finetuning_TalkSet.model",
+        ),
+        MetricWeightsSpec(
+            name="s3fd_face",
+            filename="sfd_face.pth",
+            metric="face detection for active-speaker masks (dystream data pack --face-detector-weights)",
+            origin="https://drive.google.com/uc?id=1KafnHz7ccT-3IyddBsL5yi2xGtxAKypt (the file TalkNet-ASD and "
+            "Light-ASD download as model/faceDetector/s3fd/sfd_face.pth)",
         ),
     )
 }
@@ -214,11 +239,16 @@ def require_weights(name: str, path: str | os.PathLike | None, expected_sha256: 
     return WeightsInfo(name=name, path=str(p), sha256=digest, verification=verification)
 
 
-def load_state_dict_checked(net: torch.nn.Module, info: WeightsInfo) -> None:
+def load_state_dict_checked(
+    net: torch.nn.Module,
+    info: WeightsInfo,
+    adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> None:
     """Load `info.path` into `net` with `torch.load(weights_only=True)`, strictly.
 
-    The one tolerance: BatchNorm `num_batches_tracked` counters may be absent (files saved by old PyTorch versions
-    have none; they do not affect eval-mode outputs). Any other missing or unexpected key raises
+    `adapt` is the named key adapter of a foreign checkpoint layout (e.g. `light_asd_state_dict`), applied before
+    the strict load. The one tolerance: BatchNorm `num_batches_tracked` counters may be absent (files saved by old
+    PyTorch versions have none; they do not affect eval-mode outputs). Any other missing or unexpected key raises
     `MetricWeightsMissing` naming the keys.
     """
     try:
@@ -227,6 +257,11 @@ def load_state_dict_checked(net: torch.nn.Module, info: WeightsInfo) -> None:
         raise MetricWeightsMissing(info.name, f"{info.path!r} is not a loadable state dict ({e})") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MetricWeightsMissing(info.name, f"{info.path!r} does not hold a state dict of tensors")
+    if adapt is not None:
+        try:
+            state = adapt(state)
+        except ValueError as e:
+            raise MetricWeightsMissing(info.name, f"{info.path!r}: {e}") from e
     result = net.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:

@@ -175,6 +175,7 @@ _WAN_SHARD = "diffusion_pytorch_model-0000{}-of-00003.safetensors"
 _LATENTSYNC = "chunyu-li/LatentSync"
 _LATENTSYNC_REV = "e305e1b2d0718ff87e616b184a1bbc5747ae3124"  # commit "Upload checkpoints" that adds auxiliary/*
 _DWPOSE_REV = "f7c16a3d45ad3783db41471848c80fbc281cabac"  # yzd-v/DWPose commit "support all dwpose models"
+_LIGHT_ASD = "https://github.com/Junhua-Liao/Light-ASD/raw/ed38c232de5efe0261dbd68627c0ade7cdfe14eb/weight"
 
 ENTRIES: tuple[PretrainedEntry, ...] = (
     # ==========================================================================================================
@@ -329,6 +330,57 @@ ENTRIES: tuple[PretrainedEntry, ...] = (
         license="apache-2.0",
         aliases=("dwpose_pose",),
         notes="keypoint metrics; loading returns the DWPose backend (needs dwpose_det too and onnxruntime)",
+    ),
+    # ==========================================================================================================
+    # Active-speaker detection (dystream.datamodules.active_speaker; notes/data_and_vae.md §1.6): speaking masks of
+    # real clips, `dystream data pack --asd-weights ... --face-detector-weights ...`. Kind "metric": the masks pick
+    # the speaking segments Sync-C/D is scored on, and S3FD is the reference box source of Sync-C/D.
+    # ==========================================================================================================
+    # Light-ASD (Junhua-Liao/Light-ASD, CVPR 2023, MIT) keeps its two checkpoints in its git repository (weight/,
+    # plain git objects, 4,175,289 bytes each; unchanged since commit 283f9a5 of 2023-05-31). No sha256 is published:
+    # the URL is pinned to commit ed38c232, whose tree gives the git blob ids dbc9703e3a5132a54278c784117076ca612e1e66
+    # (pretrain_AVA_CVPR.model) and d613ee7152c0b8757dae7a9650c6bf1b7c836934 (finetuning_TalkSet.model).
+    PretrainedEntry(
+        name="light-asd.ava",
+        arch="light-asd:light-asd",
+        kind="metric",
+        loader="light-asd",
+        files=(RemoteFile("pretrain_AVA_CVPR.model", None, url=f"{_LIGHT_ASD}/pretrain_AVA_CVPR.model", size=4175289),),
+        license="mit",
+        aliases=("light_asd_ava",),
+        notes="Light-ASD trained on AVA-ActiveSpeaker (94.06 mAP on its validation set, per the authors); "
+        "--asd-weights of `dystream data pack`",
+    ),
+    PretrainedEntry(
+        name="light-asd.talkset",
+        arch="light-asd:light-asd",
+        kind="metric",
+        loader="light-asd",
+        files=(
+            RemoteFile("finetuning_TalkSet.model", None, url=f"{_LIGHT_ASD}/finetuning_TalkSet.model", size=4175289),
+        ),
+        license="mit",
+        aliases=("light_asd_talkset",),
+        notes="Light-ASD fine-tuned on TalkSet (Columbia ASD F1 95.5 against 81.1 for the AVA weights, per the "
+        "authors): the better choice for in-the-wild talking-head clips",
+    ),
+    # S3FD face detector `sfd_face.pth` (cs-giung/face-detection-pytorch, trained on WIDER FACE), the file TalkNet-ASD
+    # and Light-ASD download from Google Drive into model/faceDetector/s3fd/. No hash is published (Hugging Face
+    # re-hosts such as alibabasglab/face_detection exist, none pinned with a published sha256 we could read); Google
+    # Drive may answer a script with a confirmation page instead of the file: then download it in a browser and
+    # `dystream zoo import s3fd.sfd-face sfd_face.pth --trust`.
+    PretrainedEntry(
+        name="s3fd.sfd-face",
+        arch="s3fd:s3fd",
+        kind="metric",
+        loader="s3fd",
+        files=(
+            RemoteFile("sfd_face.pth", None, url="https://drive.google.com/uc?id=1KafnHz7ccT-3IyddBsL5yi2xGtxAKypt"),
+        ),
+        license="unspecified (cs-giung/face-detection-pytorch publishes no licence; TalkNet-ASD code is MIT)",
+        aliases=("s3fd_face",),
+        notes="face detector in front of Light-ASD (--face-detector-weights of `dystream data pack`); also a Sync-C/D "
+        "box source (dystream.evaluation.networks.s3fd.S3FDFaceBoxes)",
     ),
     # ==========================================================================================================
     # Local entries: produced by our recipes (`make zoo` trains what is missing, then collects runs/ into the cache).

@@ -132,6 +132,20 @@ def _load_dwpose(entry: PretrainedEntry, paths: Sequence[Path], overrides: dict[
     return DWPoseBackend(det, pose, **overrides)
 
 
+def _load_light_asd(entry: PretrainedEntry, paths: Sequence[Path], overrides: dict[str, Any], cache: Path) -> Any:
+    from dystream.evaluation.networks.light_asd import load_light_asd
+
+    net, info = load_light_asd(paths[0], name=entry.aliases[0], **overrides)
+    return _attach(net, info)
+
+
+def _load_s3fd(entry: PretrainedEntry, paths: Sequence[Path], overrides: dict[str, Any], cache: Path) -> Any:
+    from dystream.evaluation.networks.s3fd import load_s3fd
+
+    net, info = load_s3fd(paths[0], **overrides)
+    return _attach(net, info)
+
+
 def read_text_context(path: str | Path) -> torch.Tensor:
     """A fixed-prompt context ``[L, text_dim]``: safetensors with key ``context``, or a tensor saved by torch."""
     path = Path(path)
@@ -166,5 +180,7 @@ LOADERS: dict[str, Loader] = {
     "i3d": _load_i3d,
     "syncnet": _load_syncnet,
     "dwpose": _load_dwpose,
+    "light-asd": _load_light_asd,
+    "s3fd": _load_s3fd,
     "text-context": _load_text_context,
 }
