@@ -10,6 +10,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 HELP = "data tools: synthesize the synthetic dyadic world, pack real clips into shards, rebuild an index"
@@ -48,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "pack",
         help="pack folders of clip.mp4 + self.wav (+ other.wav | mix.wav) into shards",
         description="Re-encode clips to constant 25 fps H.264, resample audio to 16 kHz mono, compute "
-        "speaking masks with silero-vad on each person's own track, and write bounded shards plus index.json. "
-        "See docs/data.md for the input layout.",
+        "speaking masks with silero-vad on each person's own track, or by active-speaker detection (S3FD + "
+        "Light-ASD) when --asd-weights and --face-detector-weights are given (then a clip with only mix.wav is "
+        "split by the mask), and write bounded shards plus index.json. See docs/data.md for the input layout.",
     )
     pack.add_argument("--in", dest="in_dir", required=True, help="input root; every folder with a clip.mp4 is a clip")
     pack.add_argument("--out", required=True, help="output shard folder")
@@ -59,6 +61,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pack.add_argument("--max-side", type=int, default=None, help="downscale so that the longer side is at most this")
     pack.add_argument("--crf", type=int, default=20, help="x264 constant rate factor (lower = better)")
     pack.add_argument("--vad-threshold", type=float, default=0.5, help="silero-vad speech probability threshold")
+    pack.add_argument(
+        "--asd-weights",
+        default=None,
+        metavar="PATH",
+        help="Light-ASD weights (pretrain_AVA_CVPR.model or finetuning_TalkSet.model, or the zoo entry "
+        "light-asd.ava / light-asd.talkset): masks by active-speaker detection instead of VAD; needs "
+        "--face-detector-weights",
+    )
+    pack.add_argument(
+        "--face-detector-weights",
+        default=None,
+        metavar="PATH",
+        help="S3FD weights for --asd-weights (sfd_face.pth of TalkNet-ASD, or the zoo entry s3fd.sfd-face)",
+    )
+    pack.add_argument("--asd-device", default="cpu", help="torch device of the ASD networks, e.g. cpu or cuda")
 
     index = sub.add_parser(
         "index",
@@ -100,18 +117,31 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if command == "pack":
         from dystream.datamodules.pack import pack
+        from dystream.zoo.cache import ZooError
 
-        index = pack(
-            args.in_dir,
-            args.out,
-            shard_samples=args.shard_samples,
-            max_shard_mb=args.max_shard_mb,
-            workers=args.workers,
-            max_side=args.max_side,
-            crf=args.crf,
-            vad={"threshold": args.vad_threshold},
-            log=True,
-        )
+        try:
+            index = pack(
+                args.in_dir,
+                args.out,
+                shard_samples=args.shard_samples,
+                max_shard_mb=args.max_shard_mb,
+                workers=args.workers,
+                max_side=args.max_side,
+                crf=args.crf,
+                vad={"threshold": args.vad_threshold},
+                log=True,
+                asd_weights=args.asd_weights,
+                face_detector_weights=args.face_detector_weights,
+                asd_device=args.asd_device,
+            )
+        except (
+            ValueError,
+            LookupError,
+            FileNotFoundError,
+            ZooError,
+        ) as exn:  # bad options or input: one line, no traceback
+            print(f"dystream data pack: {exn}", file=sys.stderr)
+            return 2
         return 1 if index.get("skipped") else 0
     if command == "index":
         from dystream.datamodules.format import build_index
