@@ -18,11 +18,12 @@ from typing import Any
 
 from dystream.bench.timing import describe_machine
 
-HELP = "run benchmarks (data, dit, vae, metrics, ...) and write docs/benchmarks.md + JSON"
+HELP = "run benchmarks (data, asd, dit, vae, metrics, ...) and write docs/benchmarks.md + JSON"
 
 # part name -> module; parts whose module does not exist yet are not offered
 PARTS = {
     "data": "dystream.bench.data",
+    "asd": "dystream.bench.asd",
     "dit": "dystream.bench.streaming_dit",
     "vae": "dystream.bench.vae",
     "metrics": "dystream.bench.metrics",
