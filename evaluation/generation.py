@@ -44,7 +44,7 @@ class ModelSpec:
             runs/teacher/audio.safetensors.
         steps: teacher Euler steps (students take their recorded sigmas; a value here must match their count).
         guidance_scale: teacher audio CFG scale.
-        shift: teacher timestep shift.
+        shift: teacher timestep shift; None = the one the teacher export records (its training shift).
         cache_write: student cache write ("noisy", the paper's, or "clean").
     """
 
@@ -56,7 +56,7 @@ class ModelSpec:
     audio: str | None = None
     steps: int | None = None
     guidance_scale: float = 3.0
-    shift: float = 5.0
+    shift: float | None = None
     cache_write: Literal["noisy", "clean"] = "noisy"
 
     def __post_init__(self) -> None:
@@ -128,6 +128,7 @@ class _Generator:
         from dystream.diffusion.rollout import student_rollout
         from dystream.diffusion.sampling import AudioGuidance, sample_euler
         from dystream.diffusion.schedule import sampling_sigmas
+        from dystream.stages.common import teacher_shift
 
         reference = batch["references"][:, 0]
         z_ref = self.cond.encode_reference(reference)  # [B, z, 1, h, w]
@@ -137,7 +138,8 @@ class _Generator:
             # drawn as TeacherStage.sample draws it (all frames, the first replaced by the reference)
             noise = torch.randn(z_ref.shape[0], z_ref.shape[1], n_latent, *z_ref.shape[-2:], generator=generator)
             x = torch.cat([z_ref, noise[:, :, 1:].to(z_ref)], dim=2)
-            sigmas = sampling_sigmas(self.steps, shift=self.spec.shift).to(z_ref.device)
+            shift = teacher_shift(self.spec.weights, self.spec.shift)  # None: the teacher's training shift
+            sigmas = sampling_sigmas(self.steps, shift=shift).to(z_ref.device)
 
             def denoiser(x: Tensor, sigma: Tensor, c: dict) -> Tensor:
                 return self.net(x, sigma, attention="bidirectional", **c)

@@ -80,3 +80,22 @@ def test_export_writes_loadable_teacher_and_audio(vae_file, tmp_path):
     for a, b in zip(dit.state_dict().values(), stage.ema.shadow.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert audio.feature_dim == stage.cond.audio_dim
+
+
+def test_export_records_the_training_shift_and_later_stages_default_to_it(vae_file, tmp_path):
+    from dystream.diffusion.schedule import student_sigmas
+    from dystream.stages.common import WAN_SHIFT, teacher_shift
+    from dystream.stages.stage1_sid import SiDStage
+
+    stage = TeacherStage(vae=vae_file, export_dir=str(tmp_path), shift=1.5)
+    stage.export()
+    teacher = str(tmp_path / "teacher.safetensors")
+    assert teacher_shift(teacher) == 1.5
+    assert teacher_shift(teacher, 3.0) == 3.0  # an explicit value wins
+    bare = save_model(stage.dit, tmp_path / "bare.safetensors", arch="dit")  # no record: Wan2.2's shift
+    assert teacher_shift(str(bare)) == WAN_SHIFT
+    audio = str(tmp_path / "audio.safetensors")
+    sid = SiDStage(student=teacher, teacher=teacher, vae=vae_file, audio=audio)
+    assert sid.shift == sid.sigma_shift == 1.5
+    assert torch.equal(sid.sigmas, student_sigmas(3, 1.5))
+    assert not torch.equal(sid.sigmas, student_sigmas(3, WAN_SHIFT))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dystream.zoo import resolve
-from dystream.zoo.files import load_model
+from dystream.zoo.files import WeightFileError, load_model, read_metadata
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -32,6 +32,26 @@ def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
 def load_frozen(path: str | Path, arch: str) -> nn.Module:
     """Load a network an earlier stage exported (a path, or a zoo entry name) and freeze it."""
     return freeze(load_model(resolve(path), arch=arch))
+
+
+WAN_SHIFT = 5.0  # Wan2.2-TI2V-5B's sampling shift (notes §5): the default when a teacher file records none
+
+
+def teacher_shift(teacher: str | Path, shift: float | None = None) -> float:
+    """The timestep shift of a stage built on ``teacher``: ``shift`` when given, else the teacher's own.
+
+    The teacher stage records the shift it was trained with in its export (``extra["shift"]``); the ODE pairs, the
+    student stages and the evaluation default to it, so the whole chain samples the noise levels the teacher learnt
+    (the tiny 64x64 chain trains with shift 1, Wan2.2 at 704p with 5). Files without the record (base weights, older
+    exports) give Wan2.2's 5.
+    """
+    if shift is not None:
+        return float(shift)
+    try:
+        _, _, extra = read_metadata(resolve(teacher))
+    except (WeightFileError, FileNotFoundError):
+        return WAN_SHIFT
+    return float(extra.get("shift", WAN_SHIFT))
 
 
 class EMA(nn.Module):

@@ -41,7 +41,7 @@ from dystream.datamodules.ode_pairs import (
 )
 from dystream.diffusion.sampling import AudioGuidance, sample_euler
 from dystream.diffusion.schedule import nearest_step_indices, sampling_sigmas, student_sigmas
-from dystream.stages.common import freeze
+from dystream.stages.common import freeze, teacher_shift
 from dystream.stages.conditioning import AvatarConditioner, build_dit
 
 TeacherAttention = Literal["bidirectional", "block_causal"]
@@ -64,7 +64,7 @@ class ODEPairsStage(L.LightningModule):
         audio: the teacher stage's audio encoder export (later stages reuse exactly this encoder).
         teacher_steps: Euler steps of the teacher; must be divisible by ``student_steps``.
         student_steps: the student's denoising steps N (StreamAvatar §4.1: 3).
-        shift: timestep shift of both grids (Wan2.2: 5).
+        shift: timestep shift of both grids; None = the teacher's (recorded in its export; Wan2.2: 5).
         guidance_scale: audio classifier-free guidance of the teacher (1 = none).
         teacher_attention: ``bidirectional`` or ``block_causal`` (see the module docstring).
         out_dir: where the shards and index.json go (cleared at the start of a run).
@@ -79,7 +79,7 @@ class ODEPairsStage(L.LightningModule):
         audio: str = "runs/teacher/audio.safetensors",
         teacher_steps: PositiveInt = 24,
         student_steps: PositiveInt = 3,
-        shift: PositiveFloat = 5.0,
+        shift: PositiveFloat | None = None,
         guidance_scale: NonNegativeFloat = 3.0,
         teacher_attention: TeacherAttention = "bidirectional",
         out_dir: str = "runs/ode_pairs/pairs",
@@ -88,8 +88,9 @@ class ODEPairsStage(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.grid = sampling_sigmas(teacher_steps, shift)  # [S + 1], float64
-        self.student = student_sigmas(student_steps, shift)  # [N]
+        self.shift = teacher_shift(teacher, shift)
+        self.grid = sampling_sigmas(teacher_steps, self.shift)  # [S + 1], float64
+        self.student = student_sigmas(student_steps, self.shift)  # [N]
         try:
             self.record_steps = nearest_step_indices(self.grid, self.student)
         except ValueError as err:
@@ -229,7 +230,7 @@ class ODEPairsStage(L.LightningModule):
             "audio": h.audio,
             "teacher_steps": h.teacher_steps,
             "student_steps": h.student_steps,
-            "shift": h.shift,
+            "shift": self.shift,
             "guidance_scale": h.guidance_scale,
             "teacher_attention": h.teacher_attention,
             "student_sigmas": self.student.tolist(),

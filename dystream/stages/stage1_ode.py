@@ -31,7 +31,7 @@ from torch import Tensor
 
 from dystream.diffusion.schedule import student_sigmas
 from dystream.objectives.ode_regression import gather_chunk_states, ode_regression_loss
-from dystream.stages.common import EMA
+from dystream.stages.common import EMA, teacher_shift
 from dystream.stages.conditioning import AvatarConditioner
 from dystream.stages.ode_pairs import pad_audio
 from dystream.stages.student import StudentStage, build_student
@@ -50,7 +50,7 @@ class ODEInitStage(StudentStage):
             (``chunk_frames``, ``sink_chunks``, ``window_frames``, ``rapr``, ``rapr_max_distance``,
             ``gradient_checkpointing``); None keeps the preset's defaults.
         student_steps: the student's denoising steps N (§4.1: 3); the pairs must be recorded at them.
-        shift: timestep shift of the student's sigmas (as in the pairs).
+        shift: timestep shift of the student's sigmas (as in the pairs); None = the teacher's.
         context: ``noisy`` or ``clean`` context of earlier chunks (module docstring).
         lr: AdamW learning rate (paper: 2e-6 at batch 8 for the 5B model).
         betas: AdamW betas.
@@ -69,7 +69,7 @@ class ODEInitStage(StudentStage):
         audio: str = "runs/teacher/audio.safetensors",
         student_overrides: dict[str, int | bool | None] | None = None,
         student_steps: PositiveInt = 3,
-        shift: PositiveFloat = 5.0,
+        shift: PositiveFloat | None = None,
         context: OdeContext = "noisy",
         lr: PositiveFloat = 1e-4,
         betas: tuple[ClosedUnitInterval, ClosedUnitInterval] = (0.9, 0.999),
@@ -86,7 +86,8 @@ class ODEInitStage(StudentStage):
         self.student = build_student(teacher, self.cond, student_overrides)
         self.ema = EMA(self.student, decay=ema_decay, start_step=ema_start_step)
         self.export_dir = Path(export_dir)
-        self.sigmas = student_sigmas(student_steps, shift)  # [N] float64, the recorded timesteps of the pairs
+        self.shift = teacher_shift(teacher, shift)
+        self.sigmas = student_sigmas(student_steps, self.shift)  # [N] float64, the recorded timesteps of the pairs
 
     # -- the objective -------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
@@ -126,7 +127,7 @@ class ODEInitStage(StudentStage):
         if sigmas.shape[1:] != mine.shape or not torch.allclose(sigmas, mine.expand_as(sigmas), atol=1e-6):
             raise ValueError(
                 f"ODE pairs were recorded at sigmas {sigmas[0].tolist()}, but the student steps at {mine.tolist()} "
-                f"(student_steps={self.hparams.student_steps}, shift={self.hparams.shift}); use the same values in "
+                f"(student_steps={self.hparams.student_steps}, shift={self.shift}); use the same values in "
                 "recipes/ode_pairs.yaml and here"
             )
         return sigmas[0]

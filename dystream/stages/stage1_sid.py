@@ -45,7 +45,7 @@ from dystream.diffusion.rollout import CacheWrite, RenoiseMode, student_rollout
 from dystream.diffusion.sampling import AudioGuidance, predict_x0
 from dystream.diffusion.schedule import add_noise, expand_sigma, frame_sigmas, student_sigmas
 from dystream.objectives.sid import SiDWeighting, fake_score_loss, sid_generator_loss
-from dystream.stages.common import EMA, freeze
+from dystream.stages.common import EMA, freeze, teacher_shift
 from dystream.stages.conditioning import AvatarConditioner, build_dit
 from dystream.stages.student import StudentStage, build_student, frozen
 
@@ -60,7 +60,7 @@ class SiDStage(StudentStage):
         audio: the teacher stage's audio encoder export.
         student_overrides: block-causal layout fields to change from the student file's config.
         student_steps: the student's denoising steps N (§4.1: 3).
-        shift: timestep shift of the student's sigmas.
+        shift: timestep shift of the student's sigmas; None = the teacher's (recorded in its export).
         cache_write: ``noisy`` (paper: the last step's input is cached) or ``clean`` (Self-Forcing).
         renoise_mode: ``fresh`` noise or the deterministic ``ode`` step between the student's steps.
         grad_chunks: how many trailing chunks carry gradient and the generator loss; None = all.
@@ -68,7 +68,7 @@ class SiDStage(StudentStage):
         alpha: SiD's alpha (1 in Self-Forcing, 1.2 in SiD).
         weighting: ``legacy`` (1 / mean|x_g - f_real|) or ``one_minus_sigma`` (SiD for flow models).
         guidance_scale: audio CFG of the teacher's x0 prediction (as the pairs were recorded).
-        sigma_shift: shift of the sigma at which the student's sample is noised (Wan: 5).
+        sigma_shift: shift of the sigma at which the student's sample is noised; None = the teacher's (Wan: 5).
         min_sigma: lower clamp of that sigma (Self-Forcing: timestep 20 of 1000).
         max_sigma: upper clamp (timestep 980 of 1000).
         generator_every: a generator update every this many steps (public code: 5); the fake score updates every step.
@@ -93,7 +93,7 @@ class SiDStage(StudentStage):
         audio: str = "runs/teacher/audio.safetensors",
         student_overrides: dict[str, int | bool | None] | None = None,
         student_steps: PositiveInt = 3,
-        shift: PositiveFloat = 5.0,
+        shift: PositiveFloat | None = None,
         cache_write: CacheWrite = "noisy",
         renoise_mode: RenoiseMode = "fresh",
         grad_chunks: PositiveInt | None = None,
@@ -101,7 +101,7 @@ class SiDStage(StudentStage):
         alpha: float = 1.0,
         weighting: SiDWeighting = "legacy",
         guidance_scale: NonNegativeFloat = 3.0,
-        sigma_shift: PositiveFloat = 5.0,
+        sigma_shift: PositiveFloat | None = None,
         min_sigma: ClosedUnitInterval = 0.02,
         max_sigma: ClosedUnitInterval = 0.98,
         generator_every: PositiveInt = 5,
@@ -129,7 +129,9 @@ class SiDStage(StudentStage):
         self.fake_score = build_student(teacher, self.cond)  # trainable copy of the teacher
         self.ema = EMA(self.student, decay=ema_decay, start_step=ema_start_step)
         self.guidance = AudioGuidance(scale=guidance_scale)
-        self.sigmas = student_sigmas(student_steps, shift)  # [N] float64
+        self.shift = teacher_shift(teacher, shift)
+        self.sigma_shift = teacher_shift(teacher, sigma_shift)
+        self.sigmas = student_sigmas(student_steps, self.shift)  # [N] float64
         self.export_dir = Path(export_dir)
         self.register_buffer("sid_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))

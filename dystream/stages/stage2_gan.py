@@ -73,7 +73,7 @@ from dystream.objectives.gan import (
     generator_loss,
     gradient_penalty,
 )
-from dystream.stages.common import EMA
+from dystream.stages.common import EMA, teacher_shift
 from dystream.stages.conditioning import AvatarConditioner, build_dit
 from dystream.stages.student import StudentStage, build_student, frame_features, frozen, latent_mse
 
@@ -93,7 +93,7 @@ class GANStage(StudentStage):
         text_context: the fixed prompt's text-encoder output (file or zoo entry) for real presets, whose weight files
             do not carry it; set on the student and the discriminator. Tiny presets learn a constant instead.
         student_steps: the student's denoising steps N (§4.1: 3).
-        shift: timestep shift of the student's sigmas.
+        shift: timestep shift of the student's sigmas; None = the teacher's (recorded in its export).
         cache_write: ``noisy`` (paper: the last step's input is cached) or ``clean`` (Self-Forcing).
         renoise_mode: ``fresh`` noise or the deterministic ``ode`` step between the student's steps.
         grad_chunks: how many trailing chunks carry gradient in the generator update; None = all.
@@ -108,7 +108,7 @@ class GANStage(StudentStage):
         train_d_backbone: train the discriminator's backbone too (public practice), else only the Q-Formers and heads.
         frame_weight: weight of the per-frame (local realism) pairing loss.
         global_weight: weight of the global (consistency) pairing loss.
-        sigma_shift: shift of the uniform sigma at which real and fake are noised (Wan: 5).
+        sigma_shift: shift of the uniform sigma at which real and fake are noised; None = the teacher's (Wan: 5).
         min_sigma: lower clamp of that sigma.
         max_sigma: upper clamp of that sigma.
         penalty: ``exact`` R1/R2 (double backward; small models), ``finite_difference`` (APT; large or sharded
@@ -142,7 +142,7 @@ class GANStage(StudentStage):
         student_overrides: dict[str, int | bool | None] | None = None,
         text_context: str | None = None,
         student_steps: PositiveInt = 3,
-        shift: PositiveFloat = 5.0,
+        shift: PositiveFloat | None = None,
         cache_write: CacheWrite = "noisy",
         renoise_mode: RenoiseMode = "fresh",
         grad_chunks: PositiveInt | None = None,
@@ -155,7 +155,7 @@ class GANStage(StudentStage):
         train_d_backbone: bool = True,
         frame_weight: NonNegativeFloat = 1.0,
         global_weight: NonNegativeFloat = 1.0,
-        sigma_shift: PositiveFloat = 5.0,
+        sigma_shift: PositiveFloat | None = None,
         min_sigma: ClosedUnitInterval = 0.02,
         max_sigma: ClosedUnitInterval = 0.98,
         penalty: PenaltyMode = "exact",
@@ -210,7 +210,9 @@ class GANStage(StudentStage):
         for module in never_used:
             module.requires_grad_(False)
         self.ema = EMA(self.student, decay=ema_decay, start_step=ema_start_step)
-        self.sigmas = student_sigmas(student_steps, shift)  # [N] float64
+        self.shift = teacher_shift(teacher, shift)
+        self.sigma_shift = teacher_shift(teacher, sigma_shift)
+        self.sigmas = student_sigmas(student_steps, self.shift)  # [N] float64
         self.export_dir = Path(export_dir)
         self.register_buffer("gan_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))

@@ -145,9 +145,7 @@ class StudentStage(L.LightningModule):
 
     def draw_sigma(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
         """Noise level ``[B]`` for noising student/real samples: uniform, shifted, clamped (notes §1.3)."""
-        sigma = sample_training_sigma(
-            batch_size, distribution="uniform", shift=self.hparams.sigma_shift, generator=generator
-        )
+        sigma = sample_training_sigma(batch_size, distribution="uniform", shift=self.sigma_shift, generator=generator)
         return sigma.clamp(self.hparams.min_sigma, self.hparams.max_sigma).to(device)
 
     @torch.no_grad()

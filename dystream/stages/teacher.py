@@ -200,7 +200,7 @@ class TeacherStage(L.LightningModule):
 
     @rank_zero_only
     def export(self) -> None:
-        extra = {"stage": "teacher", "step": int(self.global_step)}
+        extra = {"stage": "teacher", "step": int(self.global_step), "shift": float(self.flow.shift)}
         save_model(self.ema.shadow, self.export_dir / "teacher.safetensors", arch="dit", extra=extra)
         save_model(self.cond.audio, self.export_dir / "audio.safetensors", arch="audio", extra=extra)
         rank_zero_info(f"exported {self.export_dir / 'teacher.safetensors'} (EMA) and audio.safetensors")
