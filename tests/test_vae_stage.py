@@ -170,3 +170,51 @@ def test_objective_terms():
     real, fake = torch.full((3,), 2.0), torch.full((3,), -2.0)
     assert hinge_discriminator_loss(real, fake) == 0  # both beyond the margin
     assert hinge_discriminator_loss(torch.zeros(3), torch.zeros(3)) == pytest.approx(1.0)
+
+
+def _face_kpts(b: int, t: int, box: tuple[float, float, float, float]) -> torch.Tensor:
+    """dwpose134 keypoints whose face group spans ``box`` (x0, y0, x1, y1); every other point unconfident."""
+    from dystream.datamodules.keypoints import FACE, NUM_KEYPOINTS
+
+    kpts = torch.zeros(b, t, NUM_KEYPOINTS, 3)
+    n = FACE.stop - FACE.start
+    x0, y0, x1, y1 = box
+    kpts[:, :, FACE, 0] = torch.linspace(x0, x1, n)
+    kpts[:, :, FACE, 1] = torch.linspace(y0, y1, n).flip(0)
+    kpts[:, :, FACE, 2] = 1.0
+    return kpts
+
+
+def test_face_box_mask_and_region_l1_match_a_direct_computation():
+    from dystream.datamodules.keypoints import FACE
+    from dystream.objectives.vae import keypoint_box_mask, region_l1_loss
+
+    kpts = _face_kpts(2, 3, (4.0, 2.0, 8.0, 10.0))
+    kpts[1, 2, :, 2] = 0.0  # a frame without a face
+    mask = keypoint_box_mask(kpts, FACE, 16, 16, pad=0.25)  # box 4..8 x 2..10, padded by 1 and 2 px
+    expected = torch.zeros(16, 16)
+    expected[0:12, 3:9] = 1  # pixel centres j + 0.5 in [3, 9] and i + 0.5 in [0, 12]
+    assert torch.equal(mask[0, 0], expected)
+    assert mask[1, 2].sum() == 0
+    recon = torch.randn(2, 3, 3, 16, 16, requires_grad=True)
+    target = torch.randn(2, 3, 3, 16, 16)
+    loss = region_l1_loss(recon, target, mask)
+    sel = mask[:, None].expand_as(recon).bool()
+    assert loss.item() == pytest.approx((recon - target).abs()[sel].mean().item(), rel=1e-6)
+    loss.backward()
+    assert torch.all(recon.grad[~sel] == 0) and torch.all(recon.grad[sel] != 0)  # only face pixels get a gradient
+
+
+def test_face_weight_adds_the_face_term_and_needs_keypoints(tmp_path):
+    batch = _batch(t=4)
+    stage = VAEStage(face_weight=2.0, disc_weight=0.0, export_dir=str(tmp_path))
+    with pytest.raises(KeyError, match="face_weight"):
+        stage.face_l1(batch, torch.zeros(2, 3, 5, 16, 16), torch.zeros(2, 3, 5, 16, 16))
+    batch["kpts"] = _face_kpts(2, 4, (4.0, 4.0, 10.0, 10.0))
+    clip = torch.zeros(2, 3, 5, 16, 16)
+    recon = clip.clone()
+    recon[:, :, 0] = 1.0  # an error on the reference frame only: it has no keypoints, so no face loss
+    assert stage.face_l1(batch, recon, clip).item() == 0.0
+    recon[:, :, 1:, 5, 5] = 1.0  # an error inside the face box
+    assert stage.face_l1(batch, recon, clip).item() > 0.0
+    _trainer(tmp_path, 2).fit(stage, _loader(batch, 2))

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from dystream.datamodules.keypoints import FACE
 from dystream.models.vae import (
     DiscriminatorConfig,
     PatchDiscriminator3D,
@@ -47,9 +48,11 @@ from dystream.objectives.vae import (
     build_lpips,
     generator_adversarial_loss,
     hinge_discriminator_loss,
+    keypoint_box_mask,
     kl_loss,
     l1_loss,
     lpips_video,
+    region_l1_loss,
 )
 from dystream.scale import exports_during_training
 from dystream.zoo.files import save_model
@@ -71,6 +74,9 @@ class VAEStage(L.LightningModule):
         weight_decay: AdamW weight decay of the VAE.
         l1_weight: weight of the mean absolute pixel error.
         lpips_weight: weight of LPIPS (used only when ``lpips_backbone`` is given).
+        face_weight: weight of an extra L1 term over each frame's face box (the batch's ``kpts``, face group,
+            enlarged by ``face_pad``); 0 = off. Frames without face keypoints (the reference frame) add nothing.
+        face_pad: enlargement of the face box on each side, as a fraction of its size.
         kl_weight: weight of the KL term, averaged over latent elements.
         disc_weight: scale of LDM's adaptive GAN weight; 0 disables the discriminator.
         disc_start: training step from which the adversarial terms are on (before it the
@@ -100,6 +106,8 @@ class VAEStage(L.LightningModule):
         weight_decay: NonNegativeFloat = 0.0,
         l1_weight: NonNegativeFloat = 1.0,
         lpips_weight: NonNegativeFloat = 0.1,
+        face_weight: NonNegativeFloat = 0.0,
+        face_pad: NonNegativeFloat = 0.25,
         kl_weight: NonNegativeFloat = 1e-4,
         disc_weight: NonNegativeFloat = 0.05,
         disc_start: NonNegativeInt = 2000,
@@ -157,6 +165,19 @@ class VAEStage(L.LightningModule):
         guidance = refs[:, 1 : 1 + k] if k > 0 else None
         return clip, guidance
 
+    def face_l1(self, batch: dict[str, Any], recon: Tensor, clip: Tensor) -> Tensor:
+        """Mean L1 inside the face boxes of the window's frames (``clip`` frame 0 is the reference: no keypoints)."""
+        kpts = batch.get("kpts")
+        if kpts is None:
+            raise KeyError(
+                "VAEStage: face_weight > 0 needs face keypoints in the batch ('kpts', the shards' KEY.kpts.npy); "
+                "set face_weight: 0 for data without keypoints"
+            )
+        h, w = clip.shape[-2:]
+        region = keypoint_box_mask(kpts, FACE, h, w, pad=self.hparams.face_pad)  # [B, T, H, W]
+        region = torch.cat([torch.zeros_like(region[:, :1]), region], dim=1)  # the reference frame: no box
+        return region_l1_loss(recon, clip, region)
+
     def _draw_k(self, available: int) -> int:
         lo, hi = self.hparams.min_references, min(self.hparams.max_references, available)
         if lo > hi:
@@ -185,6 +206,10 @@ class VAEStage(L.LightningModule):
         rec = l1_loss(out.recon, clip)
         nll = hp.l1_weight * rec
         logs = {"l1": rec.detach(), "references": torch.tensor(float(k))}
+        if hp.face_weight > 0:
+            face = self.face_l1(batch, out.recon, clip)
+            nll = nll + hp.face_weight * face
+            logs["face_l1"] = face.detach()
         if self.lpips is not None and hp.lpips_weight > 0:
             perceptual = lpips_video(self.lpips, out.recon, clip, frames=hp.lpips_frames)
             nll = nll + hp.lpips_weight * perceptual
