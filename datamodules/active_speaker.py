@@ -39,8 +39,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
-FPS = 25
+from dystream.datamodules.format import FPS, SAMPLES_PER_FRAME
+
 MFCC_PER_FRAME = 4  # 100 Hz MFCC / 25 fps
 
 __all__ = [
