@@ -735,7 +735,8 @@ class SpeakerVidDataModule(L.LightningDataModule):
             synthesize_default(Path(self.train_shards).parent, size=self.size, seed=self.seed)
         if stage in (None, "fit") and self._train_set is None:
             self._train_set = resolve_shards(self.train_shards)
-        if self.val_shards is not None and stage in (None, "fit", "validate", "test") and self._val_set is None:
+        evaluated = stage in (None, "fit", "validate", "test", "predict")
+        if self.val_shards is not None and evaluated and self._val_set is None:
             self._val_set = resolve_shards(self.val_shards)
 
     # -- hooks for subclasses (e.g. cached-latent shards, see docs/data.md) ----------------------
@@ -837,6 +838,10 @@ class SpeakerVidDataModule(L.LightningDataModule):
         return self.loaders["val"]
 
     def test_dataloader(self) -> EpochLoader | list:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> EpochLoader | list:
+        """The validation windows: `dystream predict` with a teacher recipe samples videos for them."""
         return self.val_dataloader()
 
     @staticmethod

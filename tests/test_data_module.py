@@ -191,6 +191,15 @@ def test_validation_windows_are_deterministic(data):
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+def test_predict_samples_the_validation_windows(data):
+    dm = _module(data)
+    dm.setup("predict")  # what `dystream predict` calls first
+    predict = [(b["key"], b["video"]) for b in dm.predict_dataloader()]
+    val = [(b["key"], b["video"]) for b in dm.val_dataloader()]
+    assert predict and len(predict) == len(val)
+    assert all(kp == kv and torch.equal(p, v) for (kp, p), (kv, v) in zip(predict, val, strict=True))
+
+
 def test_too_few_shards_for_ranks_x_workers_is_a_clear_error(data, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "8")
