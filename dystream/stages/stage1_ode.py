@@ -29,9 +29,8 @@ import torch
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import Tensor
 
-from dystream.diffusion.schedule import student_sigmas
 from dystream.objectives.ode_regression import gather_chunk_states, ode_regression_loss
-from dystream.stages.common import EMA, teacher_shift
+from dystream.stages.common import EMA
 from dystream.stages.conditioning import AvatarConditioner
 from dystream.stages.ode_pairs import pad_audio
 from dystream.stages.student import StudentStage, build_student
@@ -86,8 +85,7 @@ class ODEInitStage(StudentStage):
         self.student = build_student(teacher, self.cond, student_overrides)
         self.ema = EMA(self.student, decay=ema_decay, start_step=ema_start_step)
         self.export_dir = Path(export_dir)
-        self.shift = teacher_shift(teacher, shift)
-        self.sigmas = student_sigmas(student_steps, self.shift)  # [N] float64, the recorded timesteps of the pairs
+        self.set_timesteps(teacher, student_steps, shift)  # self.sigmas: the recorded timesteps of the pairs
 
     # -- the objective -------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:

@@ -43,9 +43,9 @@ from torch import Tensor
 
 from dystream.diffusion.rollout import CacheWrite, RenoiseMode, student_rollout
 from dystream.diffusion.sampling import AudioGuidance, predict_x0
-from dystream.diffusion.schedule import add_noise, expand_sigma, frame_sigmas, student_sigmas
+from dystream.diffusion.schedule import add_noise, expand_sigma, frame_sigmas
 from dystream.objectives.sid import SiDWeighting, fake_score_loss, sid_generator_loss
-from dystream.stages.common import EMA, freeze, teacher_shift
+from dystream.stages.common import EMA, freeze
 from dystream.stages.conditioning import AvatarConditioner, build_dit
 from dystream.stages.student import StudentStage, build_student, frozen
 
@@ -129,9 +129,7 @@ class SiDStage(StudentStage):
         self.fake_score = build_student(teacher, self.cond)  # trainable copy of the teacher
         self.ema = EMA(self.student, decay=ema_decay, start_step=ema_start_step)
         self.guidance = AudioGuidance(scale=guidance_scale)
-        self.shift = teacher_shift(teacher, shift)
-        self.sigma_shift = teacher_shift(teacher, sigma_shift)
-        self.sigmas = student_sigmas(student_steps, self.shift)  # [N] float64
+        self.set_timesteps(teacher, student_steps, shift, sigma_shift)
         self.export_dir = Path(export_dir)
         self.register_buffer("sid_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))

@@ -62,7 +62,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from dystream.diffusion.rollout import CacheWrite, RenoiseMode, student_rollout
-from dystream.diffusion.schedule import add_noise, frame_sigmas, student_sigmas
+from dystream.diffusion.schedule import add_noise, frame_sigmas
 from dystream.models.discriminator import ConsistencyAwareDiscriminator, DiscriminatorConfig, DiscriminatorOutput
 from dystream.objectives.gan import (
     discriminator_accuracy,
@@ -73,7 +73,7 @@ from dystream.objectives.gan import (
     generator_loss,
     gradient_penalty,
 )
-from dystream.stages.common import EMA, teacher_shift
+from dystream.stages.common import EMA
 from dystream.stages.conditioning import AvatarConditioner, build_dit
 from dystream.stages.student import StudentStage, build_student, frame_features, frozen, latent_mse
 
@@ -210,9 +210,7 @@ class GANStage(StudentStage):
         for module in never_used:
             module.requires_grad_(False)
         self.ema = EMA(self.student, decay=ema_decay, start_step=ema_start_step)
-        self.shift = teacher_shift(teacher, shift)
-        self.sigma_shift = teacher_shift(teacher, sigma_shift)
-        self.sigmas = student_sigmas(student_steps, self.shift)  # [N] float64
+        self.set_timesteps(teacher, student_steps, shift, sigma_shift)
         self.export_dir = Path(export_dir)
         self.register_buffer("gan_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))

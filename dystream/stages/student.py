@@ -34,9 +34,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 
 from dystream.diffusion.rollout import CacheWrite, RenoiseMode, student_rollout
-from dystream.diffusion.schedule import sample_training_sigma
+from dystream.diffusion.schedule import sample_training_sigma, student_sigmas
 from dystream.models.dit import AvatarDiT
 from dystream.scale import exports_during_training, loads_state_before_hooks
+from dystream.stages.common import teacher_shift
 from dystream.stages.conditioning import AvatarConditioner, build_dit
 from dystream.zoo.files import save_model
 
@@ -132,6 +133,16 @@ class StudentStage(L.LightningModule):
                 f"frames, so the window must be a multiple of {4 * chunk} frames"
             )
         return t // (4 * chunk)
+
+    def set_timesteps(
+        self, teacher: str, student_steps: int, shift: float | None, sigma_shift: float | None = None
+    ) -> None:
+        """``self.sigmas`` (the student's ``[N]`` float64 denoising sigmas), ``self.shift`` and ``self.sigma_shift``;
+        a None shift is the teacher's training shift, read once from its export."""
+        recorded = teacher_shift(teacher) if shift is None or sigma_shift is None else None
+        self.shift = recorded if shift is None else float(shift)
+        self.sigma_shift = recorded if sigma_shift is None else float(sigma_shift)
+        self.sigmas = student_sigmas(student_steps, self.shift)
 
     # -- rank-synchronised draws (SiD and GAN stages; hparams same_exit_step, sigma_shift, min/max_sigma) ----
     def draw_exit_steps(self, num_chunks: int) -> list[int]:
