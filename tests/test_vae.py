@@ -18,8 +18,8 @@ from dystream.models.vae import (
 H = W = 32  # tiny preset: 32x32 frames -> 4x4 latents (keeps every test fast)
 
 
-def _vae(**overrides) -> ReferenceGuidedVAE:
-    vae = ReferenceGuidedVAE(VAEConfig.from_preset("tiny", **overrides)).eval()
+def _vae(preset: str = "tiny", **overrides) -> ReferenceGuidedVAE:
+    vae = ReferenceGuidedVAE(VAEConfig.from_preset(preset, **overrides)).eval()
     # The reference attention output is zero-initialised; give it weights so guidance has an effect.
     with torch.no_grad():
         for name, p in vae.named_parameters():
@@ -47,10 +47,11 @@ def _latent_index(frame: int, r_t: int = 4) -> int:
 def test_shapes_and_compression_ratio(preset):
     cfg = VAEConfig.from_preset(preset)
     assert cfg.temporal_factor == 4
-    expected = {"tiny": (8, 48.0), "ref-dc-f32t4c16": (32, 768.0)}[preset]
+    expected = {"tiny": (8, 48.0), "tiny-f4": (4, 12.0), "ref-dc-f32t4c16": (32, 768.0)}[preset]
     assert (cfg.spatial_factor, cfg.compression_ratio) == expected
-    size = 64 if preset == "tiny" else 512
-    device = "cpu" if preset == "tiny" else "meta"  # paper scale: shape inference without memory or compute
+    cpu = preset.startswith("tiny")
+    size = 64 if cpu else 512
+    device = "cpu" if cpu else "meta"  # paper scale: shape inference without memory or compute
     with torch.device(device), torch.no_grad():
         vae = ReferenceGuidedVAE(cfg)
         video = torch.zeros(1, 3, 9, size, size)
@@ -107,9 +108,10 @@ def test_decode_is_causal(changed):
 # ----------------------------------------------------------------------------- streaming parity
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-f4"])
 @pytest.mark.parametrize("chunks", [[1, 4, 4, 4], [5, 8], [1, 12], [13]])
-def test_chunked_encode_equals_one_shot(chunks):
-    vae, refs = _vae(), _refs()
+def test_chunked_encode_equals_one_shot(chunks, preset):
+    vae, refs = _vae(preset), _refs()
     x = _video(frames=sum(chunks))
     with torch.no_grad():
         full = vae.encode(x, refs)
@@ -123,10 +125,12 @@ def test_chunked_encode_equals_one_shot(chunks):
     assert (streamed - full).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-f4"])
 @pytest.mark.parametrize("chunks", [[1, 1, 1, 1], [2, 2], [1, 3]])
-def test_chunked_decode_equals_one_shot(chunks):
-    vae, refs = _vae(), _refs()
-    z = torch.randn(2, 16, sum(chunks), H // 8, W // 8)
+def test_chunked_decode_equals_one_shot(chunks, preset):
+    vae, refs = _vae(preset), _refs()
+    f = vae.config.spatial_factor
+    z = torch.randn(2, 16, sum(chunks), H // f, W // f)
     with torch.no_grad():
         full = vae.decode(z, refs)
         cache = vae.new_decode_cache(refs)

@@ -44,7 +44,8 @@ API (all video tensors in [-1, 1]; ``references`` may be ``None`` or ``[B, 0, 3,
     frames1 = vae.decode_chunk(z[:, :, 1:2], cache)          # then 4 frames per latent frame
 
 Presets (table at the bottom): ``tiny`` is f8 t4 c16 (3 * 4 * 8^2 / 16 = 48x; 64x64 video ->
-8x8 latents, 2.8M parameters) for CPU tests and the synthetic default; ``ref-dc-f32t4c16`` is the
+8x8 latents, 2.8M parameters) for CPU tests; ``tiny-f4`` is f4 t4 c16 (12x; 64x64 -> 16x16 latents,
+2.7M) for the synthetic default, whose ~7x3-pixel mouths f8 loses; ``ref-dc-f32t4c16`` is the
 paper-scale deep-compression VAE, f32 t4 c16 (3 * 4 * 32^2 / 16 = 768x, the ratio paper 002's
 digests report; 512x512 video -> 16x16 latents per 4 frames, ~280M parameters).
 
@@ -796,9 +797,21 @@ class PatchDiscriminator3D(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 VAE_PRESETS: dict[str, VAEConfig] = {
-    # CPU tests and the embedded synthetic default at 64x64: f8 t4 c16 (48x), because the tiny DiT
-    # preset takes 16 latent channels on 8x8 latents. Levels at 1/2, 1/4, 1/8; attention at 1/4, 1/8.
+    # CPU tests: f8 t4 c16 (48x), 16 latent channels on 8x8 latents at 64x64. Levels at 1/2, 1/4, 1/8;
+    # attention at 1/4, 1/8.
     "tiny": VAEConfig(),
+    # The embedded default's VAE: f4 t4 c16 (12x; 64x64 video -> 16x16 latents). At 64x64 a mouth is
+    # ~7x3 pixels: f8 puts the whole face in 2x3 latent pixels and the tiny preset blurs the mouth away
+    # (its reconstructions score Sync-C 1.8, ground truth 4.3; docs/evaluation.md). Levels at 1/1, 1/2,
+    # 1/4, no residual blocks at full resolution (the cost is there); reference attention at 1/4.
+    "tiny-f4": VAEConfig(
+        patch_size=1,
+        widths=(24, 48, 96),
+        encoder_blocks=(0, 1, 1),
+        decoder_blocks=(0, 1, 1),
+        reference_blocks=(1, 1, 1),
+        attn_levels=(2,),
+    ),
     # Paper 002 scale (our choice; the paper's f/t/c were not available, its digests report 768x):
     # f32 t4 c16 -> 3 * 4 * 32^2 / 16 = 768x, 512x512 -> 16x16 latents per 4 frames. Widths follow
     # DC-AE f32 (128 ... 1024 there), narrowed to integer shortcut ratios and ~280M parameters

@@ -57,7 +57,7 @@ from dystream.objectives.vae import (
 from dystream.scale import exports_during_training
 from dystream.zoo.files import save_model
 
-VAEPresetName = Literal["tiny", "ref-dc-f32t4c16"]
+VAEPresetName = Literal["tiny", "tiny-f4", "ref-dc-f32t4c16"]
 DiscriminatorPresetName = Literal["tiny", "patchgan3d"]
 
 
