@@ -74,11 +74,13 @@ def _stream(model: AvatarDiT, x, sigma, talk, listen, denoise_steps: int = 0):
         ({"rapr": False, "window_frames": 3}, 5),  # absolute indices with eviction
         ({"rapr": False, "window_frames": None}, 3),  # plain block-causal, no eviction
         ({"rapr": False, "attention_backend": "flex"}, 3),  # flex is CUDA-only: on CPU the SDPA path runs
+        ({"patch_size": (1, 4, 4), "in_channels": 4, "out_channels": 4}, 6),  # 4x4 patches on tiny-f4 latents
     ],
 )
 def test_streaming_equals_block_causal_forward(overrides, n_chunks):
     model = _model(**overrides)
-    x, sigma, talk, listen = _inputs(model.config, n_chunks)
+    hw = 16 if model.config.patch_size[-1] == 4 else 8
+    x, sigma, talk, listen = _inputs(model.config, n_chunks, hw=hw)
     with torch.no_grad():
         full = model(x, sigma, talk, listen, attention="block_causal")
         streamed, cache = _stream(model, x, sigma, talk, listen, denoise_steps=1)

@@ -701,14 +701,13 @@ DIT_PRESETS: dict[str, DiTConfig] = {
         audio_dim=32,
         audio_tokens_per_frame=2,
     ),
-    # The embedded default's teacher and students (64x64 synthetic world, CPU; 10.3M parameters): the tiny-f4 VAE's 16
-    # channels on 16x16 latents, 4x4 patches -> 16 tokens per frame, the tiny audio encoder's 32-d features. The tiny
+    # The embedded default's teacher and students (64x64 synthetic world, CPU; 10.2M parameters): the tiny VAE's 16
+    # channels on 8x8 latents, 2x2 patches -> 16 tokens per frame, the tiny audio encoder's 32-d features. The tiny
     # preset (0.26M) is too small to map the reference latent (an image encoded alone, nearly uncorrelated with the
     # 4-frame latents that follow it) onto the clip: its samples stay noise-coloured blotches.
     "mini": DiTConfig(
         in_channels=16,
         out_channels=16,
-        patch_size=(1, 4, 4),
         dim=256,
         ffn_dim=1024,
         num_heads=4,

@@ -44,10 +44,10 @@ API (all video tensors in [-1, 1]; ``references`` may be ``None`` or ``[B, 0, 3,
     frames1 = vae.decode_chunk(z[:, :, 1:2], cache)          # then 4 frames per latent frame
 
 Presets (table at the bottom): ``tiny`` is f8 t4 c16 (3 * 4 * 8^2 / 16 = 48x; 64x64 video ->
-8x8 latents, 2.8M parameters) for CPU tests; ``tiny-f4`` is f4 t4 c16 (12x; 64x64 -> 16x16 latents,
-2.7M) for the synthetic default, whose ~7x3-pixel mouths f8 loses; ``ref-dc-f32t4c16`` is the
-paper-scale deep-compression VAE, f32 t4 c16 (3 * 4 * 32^2 / 16 = 768x, the ratio paper 002's
-digests report; 512x512 video -> 16x16 latents per 4 frames, ~280M parameters).
+8x8 latents, 2.8M parameters) for CPU tests and the synthetic default; ``tiny-f4`` is f4 t4 c4
+(also 48x; 64x64 -> 16x16 latents, 2.7M), which keeps the synthetic world's few-pixel mouths;
+``ref-dc-f32t4c16`` is the paper-scale deep-compression VAE, f32 t4 c16 (3 * 4 * 32^2 / 16 = 768x,
+the ratio paper 002's digests report; 512x512 video -> 16x16 latents per 4 frames, ~280M parameters).
 
 ``reference_mask`` ([B, K] bool, True = use) masks references per sample for variable K in one
 batch. A cache belongs to one stream: use one cache per thread (StreamingAvatar decodes on its
@@ -797,14 +797,18 @@ class PatchDiscriminator3D(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 VAE_PRESETS: dict[str, VAEConfig] = {
-    # CPU tests: f8 t4 c16 (48x), 16 latent channels on 8x8 latents at 64x64. Levels at 1/2, 1/4, 1/8;
-    # attention at 1/4, 1/8.
+    # CPU tests and the embedded synthetic default at 64x64: f8 t4 c16 (48x), because the mini DiT
+    # preset takes 16 latent channels on 8x8 latents. Levels at 1/2, 1/4, 1/8; attention at 1/4, 1/8.
     "tiny": VAEConfig(),
-    # The embedded default's VAE: f4 t4 c16 (12x; 64x64 video -> 16x16 latents). At 64x64 a mouth is
-    # ~7x3 pixels: f8 puts the whole face in 2x3 latent pixels and the tiny preset blurs the mouth away
-    # (its reconstructions score Sync-C 1.8, ground truth 4.3; docs/evaluation.md). Levels at 1/1, 1/2,
-    # 1/4, no residual blocks at full resolution (the cost is there); reference attention at 1/4.
+    # f4 t4 c4 (48x like tiny; 64x64 video -> 4 x 16x16 latents), for mouths of a few pixels: at 64x64 a
+    # synthetic mouth is ~7x3 pixels and f8 puts the whole face in 2x3 latent pixels. Measured on the 16 eval
+    # clips (docs/evaluation.md, "The mouth at 64x64"): reconstructions score Sync-C 2.91 (tiny: 1.84, ground
+    # truth 4.34) after the same ~15 CPU minutes (900 steps), but its decoder is far more sensitive to latent
+    # errors (latent noise of 0.4 std: -7.5 dB, tiny: -0.4 dB) and the mini DiT at 4x4 patches had not learnt
+    # clean samples in 1200 steps, so the embedded default keeps tiny. Levels at 1/1, 1/2, 1/4, no residual
+    # blocks at full resolution (the cost is there); reference attention at 1/4.
     "tiny-f4": VAEConfig(
+        latent_channels=4,
         patch_size=1,
         widths=(24, 48, 96),
         encoder_blocks=(0, 1, 1),
