@@ -13,6 +13,8 @@ evaluated window, with their audio and speaking mask), the metric networks and p
   network (shows what the network adds or loses);
 - "Ground truth, shuffled audio": the real clips scored against another clip's voice (clip i with clip i + 1's audio):
   the Sync-C/D floor of a video that ignores its audio;
+- "VAE reconstruction" (when `reconstruction_vae` names a VAE file): the real clips encoded and decoded as the DiT
+  stages encode them, with its shuffled-audio row: what any generator on that VAE can reach at best;
 - one row per model. A model whose export is missing is an n/a row naming the file and the recipe that makes it; it
   never triggers training.
 A metric whose network is missing is "n/a (reason)" (`MetricUnavailable`), never a number from random weights. The
@@ -71,6 +73,7 @@ class EvalConfig:
     metrics: SuiteConfig = field(default_factory=SuiteConfig)
     models: list[ModelSpec] = field(default_factory=list)
     out: str = "docs/results"
+    reconstruction_vae: str | None = None  # a VAE export: adds the "VAE reconstruction" rows
     seed: int = 0
     batch_size: int = 4
     device: str = "cpu"
@@ -116,6 +119,7 @@ def load_config(path: str | Path) -> EvalConfig:
         metrics=_build(SuiteConfig, doc.get("metrics"), f"{p}: metrics"),
         models=[_build(ModelSpec, m, f"{p}: models[{i}]") for i, m in enumerate(models)],
         out=str(doc.get("out", "docs/results")),
+        reconstruction_vae=doc.get("reconstruction_vae"),
         seed=int(doc.get("seed", 0)),
         batch_size=int(doc.get("batch_size", 4)),
         device=str(doc.get("device", "cpu")),
@@ -200,6 +204,30 @@ KEYPOINT_KEYS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv")
 SYNC_KEYS = ("sync_c", "sync_d")
 
 
+def _reconstruction_rows(cfg: EvalConfig, suite: MetricSuite, clips: EvalClips, real: dict, res: str, log) -> list[Row]:
+    """The VAE's reconstructions of the real clips, scored like a model, and against another clip's voice."""
+    from dystream.evaluation.generation import reconstruct
+
+    name = "VAE reconstruction"
+    if not Path(cfg.reconstruction_vae).is_file():
+        reason = NA(f"{cfg.reconstruction_vae} not found: no VAE export (make train RECIPE=vae)")
+        log(f"eval: {name}: {reason}")
+        return [Row(name, "vae_reconstruction", {k: reason for k in (*suite_keys(), "fid", "fvd")}, resolution=res)]
+    log(f"eval: reconstructing {len(clips.keys)} clips with {cfg.reconstruction_vae}")
+    frames = np.stack(reconstruct(cfg.reconstruction_vae, clips.references, clips.frames, cfg.batch_size, cfg.device))
+    own = suite.evaluate(clips.videos(frames), real=real)
+    other = suite.evaluate(clips.videos(frames, audio_shift=1))
+    return [
+        Row(name, "vae_reconstruction", own.values, resolution=res),
+        Row(
+            f"{name}, shuffled audio",
+            "vae_reconstruction_shuffled_audio",
+            {k: other.values[k] for k in SYNC_KEYS},
+            resolution=res,
+        ),  # fmt: skip
+    ]
+
+
 def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
     """Run the whole evaluation: (rows, protocol notes, meta)."""
     from dystream.evaluation.generation import generate
@@ -225,6 +253,9 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
     shuffled = suite.evaluate(clips.videos(audio_shift=1))
     rows.append(Row("Ground truth, shuffled audio", "shuffled_audio",
                     {k: shuffled.values[k] for k in SYNC_KEYS}, resolution=res))  # fmt: skip
+
+    if cfg.reconstruction_vae is not None:
+        rows += _reconstruction_rows(cfg, suite, clips, real, res, log)
 
     for spec in cfg.models:
         missing = spec.missing()

@@ -164,6 +164,35 @@ class _Generator:
         return self.cond.decode(z, reference)[:, :, 1 : 1 + frames]
 
 
+@torch.no_grad()
+def reconstruct(
+    vae_path: str, references: np.ndarray, frames: np.ndarray, batch_size: int = 4, device: str | torch.device = "cpu"
+) -> list[np.ndarray]:
+    """The VAE's reconstructions of the real clips, as the DiT stages encode them: ``cat([reference, frames])`` with
+    the reference image as the only guidance image, decoded, the reference frame dropped. references uint8
+    [N, H, W, 3], frames uint8 [N, T, H, W, 3] -> N uint8 videos [T, H, W, 3]. No generator can sync or look better
+    than its VAE does here, so this row bounds the others."""
+    from dystream.stages.common import load_frozen
+
+    device = torch.device(device)
+    vae = load_frozen(vae_path, "vae").to(device)
+    t = frames.shape[1]
+    if t % vae.config.temporal_factor:
+        raise ValueError(
+            f"reconstruction: {t} frames per clip is not a multiple of the VAE's {vae.config.temporal_factor} "
+            "frames per latent frame (set clips.frames)"
+        )
+    out: list[np.ndarray] = []
+    for i in range(0, len(references), batch_size):
+        ref = torch.from_numpy(np.ascontiguousarray(references[i : i + batch_size])).permute(0, 3, 1, 2).float()
+        video = torch.from_numpy(np.ascontiguousarray(frames[i : i + batch_size])).permute(0, 4, 1, 2, 3).float()
+        ref, video = (ref / 127.5 - 1.0).to(device), (video / 127.5 - 1.0).to(device)
+        guidance = ref[:, None]
+        z = vae.encode(torch.cat([ref[:, :, None], video], dim=2), references=guidance)
+        out += [_to_uint8(v) for v in vae.decode(z, references=guidance)[:, :, 1:]]
+    return out
+
+
 def generate(
     spec: ModelSpec,
     references: np.ndarray,

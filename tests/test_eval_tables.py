@@ -166,3 +166,43 @@ def test_suite_resolves_zoo_entry_names(tmp_path, monkeypatch):
     suite = MetricSuite(SuiteConfig(syncnet="syncnet-small.synthetic", pose=None))
     assert "sync" not in suite.unavailable and suite.weights["sync"].path == str(path)
     assert "pose" in suite.unavailable
+
+
+def test_vae_reconstruction_rows(tmp_path, capsys):
+    """`reconstruction_vae` adds the VAE's reconstructions of the real clips as a row (Fréchet distances against
+    the real set) and its shuffled-audio row; batching does not change the reconstructions; a missing file is n/a."""
+    from dystream.evaluation.generation import reconstruct
+    from dystream.models.vae import ReferenceGuidedVAE, VAEConfig
+
+    synthesize(tmp_path / "data", clips=1, val_clips=3, size=32, seconds=1.6, workers=1)
+    torch.manual_seed(0)
+    vae = save_model(ReferenceGuidedVAE(VAEConfig.from_preset("tiny")), tmp_path / "vae.safetensors", arch="vae")
+    pose = save_model(PoseRegressor(POSE_PRESETS["tiny"]), tmp_path / "pose.safetensors", arch="metric_pose")
+    sync = save_model(SmallSyncNet(PRESETS["tiny"]), tmp_path / "sync.safetensors", arch="metric_syncnet")
+    recipe = tmp_path / "eval.yaml"
+    body = (
+        f"out: {tmp_path / 'results'}\n"
+        f"clips: {{shards: {tmp_path / 'data' / 'val'}, count: 3, frames: 36, reference_frame: 0}}\n"
+        f"metrics: {{syncnet: {sync}, pose: {pose}, min_segment_frames: 6, vshift: 3}}\n"
+    )
+    recipe.write_text(body + f"reconstruction_vae: {vae}\n")
+    cfg = eval_cli.load_config(recipe)
+    clips = eval_cli.load_clips(cfg.clips)
+    one = reconstruct(str(vae), clips.references, clips.frames, batch_size=1)
+    three = reconstruct(str(vae), clips.references, clips.frames, batch_size=3)
+    assert one[0].shape == clips.frames[0].shape and one[0].dtype == clips.frames.dtype
+    assert max(abs(a.astype(int) - b.astype(int)).max() for a, b in zip(one, three, strict=True)) <= 1
+    with pytest.raises(ValueError, match="not a multiple of the VAE's 4 frames"):
+        reconstruct(str(vae), clips.references, clips.frames[:, :35])
+
+    rows, _, _ = eval_cli.evaluate(cfg, log=lambda *a: None)
+    by_name = {r.name: r for r in rows}
+    rec, shuffled = by_name["VAE reconstruction"], by_name["VAE reconstruction, shuffled audio"]
+    assert isinstance(rec.values["fd_pose"], float) and rec.values["fd_pose"] > 0  # against the real clips
+    assert isinstance(rec.values["sync_c"], float) and set(shuffled.values) == {"sync_c", "sync_d"}
+    assert shuffled.values["sync_c"] != rec.values["sync_c"]
+
+    recipe.write_text(body + f"reconstruction_vae: {tmp_path / 'none.safetensors'}\n")
+    rows, _, _ = eval_cli.evaluate(eval_cli.load_config(recipe), log=lambda *a: None)
+    (missing,) = [r for r in rows if r.kind == "vae_reconstruction"]
+    assert "make train RECIPE=vae" in missing.values["sync_c"].reason
