@@ -224,7 +224,7 @@ def _reconstruction_rows(cfg: EvalConfig, suite: MetricSuite, clips: EvalClips, 
             "vae_reconstruction_shuffled_audio",
             {k: other.values[k] for k in SYNC_KEYS},
             resolution=res,
-        ),  # fmt: skip
+        ),
     ]
 
 

@@ -84,13 +84,17 @@ def clip_batch(
 ) -> dict[str, Tensor]:
     """Numpy clips -> a batch in the training layout (docs/architecture.md): references [B, 1, 3, H, W] in [-1, 1],
     audio_self / audio_other [B, T * 640], mask [B, T]."""
-    ref = torch.from_numpy(np.ascontiguousarray(references)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return {
-        "references": ref[:, None].to(device),
+        "references": _from_uint8(references)[:, None].to(device),
         "audio_self": torch.from_numpy(np.asarray(audio_self, dtype=np.float32)).to(device),
         "audio_other": torch.from_numpy(np.asarray(audio_other, dtype=np.float32)).to(device),
         "mask": torch.from_numpy(np.asarray(masks, dtype=np.float32)).to(device),
     }
+
+
+def _from_uint8(x: np.ndarray) -> Tensor:
+    """uint8 images [N, H, W, 3] or videos [N, T, H, W, 3] -> float [N, 3, H, W] / [N, 3, T, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(x)).movedim(-1, 1).float() / 127.5 - 1.0
 
 
 def _to_uint8(video: Tensor) -> np.ndarray:
@@ -184,9 +188,8 @@ def reconstruct(
         )
     out: list[np.ndarray] = []
     for i in range(0, len(references), batch_size):
-        ref = torch.from_numpy(np.ascontiguousarray(references[i : i + batch_size])).permute(0, 3, 1, 2).float()
-        video = torch.from_numpy(np.ascontiguousarray(frames[i : i + batch_size])).permute(0, 4, 1, 2, 3).float()
-        ref, video = (ref / 127.5 - 1.0).to(device), (video / 127.5 - 1.0).to(device)
+        ref = _from_uint8(references[i : i + batch_size]).to(device)
+        video = _from_uint8(frames[i : i + batch_size]).to(device)
         guidance = ref[:, None]
         z = vae.encode(torch.cat([ref[:, :, None], video], dim=2), references=guidance)
         out += [_to_uint8(v) for v in vae.decode(z, references=guidance)[:, :, 1:]]

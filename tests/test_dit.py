@@ -79,8 +79,7 @@ def _stream(model: AvatarDiT, x, sigma, talk, listen, denoise_steps: int = 0):
 )
 def test_streaming_equals_block_causal_forward(overrides, n_chunks):
     model = _model(**overrides)
-    hw = 16 if model.config.patch_size[-1] == 4 else 8
-    x, sigma, talk, listen = _inputs(model.config, n_chunks, hw=hw)
+    x, sigma, talk, listen = _inputs(model.config, n_chunks, hw=4 * model.config.patch_size[-1])
     with torch.no_grad():
         full = model(x, sigma, talk, listen, attention="block_causal")
         streamed, cache = _stream(model, x, sigma, talk, listen, denoise_steps=1)

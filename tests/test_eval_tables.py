@@ -168,7 +168,7 @@ def test_suite_resolves_zoo_entry_names(tmp_path, monkeypatch):
     assert "pose" in suite.unavailable
 
 
-def test_vae_reconstruction_rows(tmp_path, capsys):
+def test_vae_reconstruction_rows(tmp_path):
     """`reconstruction_vae` adds the VAE's reconstructions of the real clips as a row (Fréchet distances against
     the real set) and its shuffled-audio row; batching does not change the reconstructions; a missing file is n/a."""
     from dystream.evaluation.generation import reconstruct
