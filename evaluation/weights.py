@@ -10,13 +10,14 @@ The origin URLs below are documentation only; they are never fetched.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dystream.zoo.cache import sha256_file  # one hashing routine for the zoo and the metric weights
 
 __all__ = [
     "METRIC_WEIGHTS",
@@ -195,15 +196,6 @@ class WeightsInfo:
 
     def as_dict(self) -> dict[str, str]:
         return {"name": self.name, "path": self.path, "sha256": self.sha256, "verification": self.verification}
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def require_weights(name: str, path: str | os.PathLike | None, expected_sha256: str | None = None) -> WeightsInfo:
