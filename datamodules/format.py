@@ -45,6 +45,14 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _TAR_MTIME = 1_700_000_000
 
 
+def frame_rms(audio: np.ndarray, n_frames: int) -> np.ndarray:
+    """Per-frame RMS of a 16 kHz signal, the samples each video frame owns: [>= T * 640] -> float64 [T]."""
+    x = np.asarray(audio)[: n_frames * SAMPLES_PER_FRAME]
+    if len(x) < n_frames * SAMPLES_PER_FRAME:
+        raise ValueError(f"frame_rms: {len(x)} samples for {n_frames} frames (need {n_frames * SAMPLES_PER_FRAME})")
+    return np.sqrt(np.mean(x.reshape(n_frames, -1).astype(np.float64) ** 2, axis=1))
+
+
 def check_key(key: str) -> str:
     """Return `key` if it is a valid sample key (letters, digits, `_`, `-`), else raise."""
     if not isinstance(key, str) or not _KEY_RE.match(key):

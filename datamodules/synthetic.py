@@ -46,6 +46,7 @@ from dystream.datamodules.format import (
     SAMPLES_PER_FRAME,
     Clip,
     clip_to_sample,
+    frame_rms,
     write_index,
     write_shard,
 )
@@ -289,11 +290,6 @@ def phrase_mask(phrases: list[Phrase], n_frames: int) -> np.ndarray:
     for p in phrases:
         mask[(centres >= p.t0) & (centres < p.t1)] = 1
     return mask
-
-
-def frame_rms(x: np.ndarray, n_frames: int) -> np.ndarray:
-    """Per-frame RMS of a 16 kHz signal: [T * 640] -> [T]."""
-    return np.sqrt(np.mean(x[: n_frames * SAMPLES_PER_FRAME].reshape(n_frames, -1).astype(np.float64) ** 2, axis=1))
 
 
 # ---------------------------------------------------------------------------------------------

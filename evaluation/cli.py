@@ -11,12 +11,14 @@ evaluated window, with their audio and speaking mask), the metric networks and p
 - "Ground truth": the real clips (the real set every Fréchet distance compares with);
 - "Ground truth (exact keypoints)": keypoint metrics from the synthetic world's exact keypoints instead of the pose
   network (shows what the network adds or loses);
-- "Ground truth, shuffled audio": the real clips scored against another clip's voice (clip i with clip i + 1's audio):
-  the Sync-C/D floor of a video that ignores its audio;
 - "VAE reconstruction" (when `reconstruction_vae` names a VAE file): the real clips encoded and decoded as the DiT
-  stages encode them, with its shuffled-audio row: what any generator on that VAE can reach at best;
+  stages encode them: what any generator on that VAE can reach at best;
 - one row per model. A model whose export is missing is an n/a row naming the file and the recipe that makes it; it
   never triggers training.
+Every row is also scored against another clip's voice (clip i against clip i + 1's audio; the "other voice" columns
+of Table 4: the floor of a video that ignores its audio), and with `swapped_voice` each model generates the clips a
+second time driven by clip i + 1's voice (own reference, mask and partner) and is scored against that voice (the
+"swapped voice" column: whether the mouth follows the audio rather than the speaking mask).
 A metric whose network is missing is "n/a (reason)" (`MetricUnavailable`), never a number from random weights. The
 tables go to `<out>/results.md`, `<out>/table*.csv` and `<out>/results.json` (`dystream.evaluation.tables`).
 """
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 
 from dystream.evaluation.generation import ModelSpec
-from dystream.evaluation.suite import NA, EvalVideo, MetricSuite, SuiteConfig
+from dystream.evaluation.suite import NA, EvalVideo, MetricSuite, SuiteConfig, SuiteResult
 from dystream.evaluation.tables import Row, write_tables
 
 HELP = "generate the evaluation set with each model of recipes/eval.yaml and write the benchmark tables"
@@ -60,7 +62,9 @@ class ClipsConfig:
 
     def __post_init__(self) -> None:
         if self.count < 2:
-            raise ValueError(f"eval clips.count must be >= 2 (shuffled audio pairs clips), got {self.count}")
+            raise ValueError(
+                f"eval clips.count must be >= 2 (the other-voice scores pair clip i with clip i + 1), got {self.count}"
+            )
         if self.frames < 6:
             raise ValueError(f"eval clips.frames must be >= 6 (one SyncNet window), got {self.frames}")
         if self.reference_frame < 0:
@@ -73,7 +77,8 @@ class EvalConfig:
     metrics: SuiteConfig = field(default_factory=SuiteConfig)
     models: list[ModelSpec] = field(default_factory=list)
     out: str = "docs/results"
-    reconstruction_vae: str | None = None  # a VAE export: adds the "VAE reconstruction" rows
+    reconstruction_vae: str | None = None  # a VAE export: adds the "VAE reconstruction" row
+    swapped_voice: bool = True  # generate each model's clips again driven by another clip's voice (Table 4)
     seed: int = 0
     batch_size: int = 4
     device: str = "cpu"
@@ -120,6 +125,7 @@ def load_config(path: str | Path) -> EvalConfig:
         models=[_build(ModelSpec, m, f"{p}: models[{i}]") for i, m in enumerate(models)],
         out=str(doc.get("out", "docs/results")),
         reconstruction_vae=doc.get("reconstruction_vae"),
+        swapped_voice=_flag(doc.get("swapped_voice", True), f"{p}: swapped_voice"),
         seed=int(doc.get("seed", 0)),
         batch_size=int(doc.get("batch_size", 4)),
         device=str(doc.get("device", "cpu")),
@@ -137,7 +143,8 @@ class EvalClips:
     kpts: list[np.ndarray | None]
 
     def videos(self, frames: list[np.ndarray] | np.ndarray | None = None, audio_shift: int = 0) -> list[EvalVideo]:
-        """EvalVideos of `frames` (default: the real clips); audio_shift k scores clip i against clip i + k's voice."""
+        """EvalVideos of `frames` (default: the real clips); audio_shift k scores clip i against clip i + k's voice
+        (its own speaking mask kept)."""
         frames = self.frames if frames is None else frames
         n = len(self.keys)
         return [
@@ -145,7 +152,7 @@ class EvalClips:
                 key=self.keys[i],
                 frames=frames[i],
                 audio=self.audio_self[(i + audio_shift) % n],
-                mask=self.masks[(i + audio_shift) % n],
+                mask=self.masks[i],
                 reference=self.references[i],
                 kpts=self.kpts[i],
             )
@@ -200,32 +207,39 @@ def load_clips(cfg: ClipsConfig) -> EvalClips:
     )
 
 
-KEYPOINT_KEYS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv")
-SYNC_KEYS = ("sync_c", "sync_d")
+KEYPOINT_KEYS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech")
+# scored against the own voice and (`<key>_other`) against another clip's voice
+VOICE_KEYS = ("sync_c", "sync_d", "mouth_voice_r", "mouth_voice_r_speech")
 
 
-def _reconstruction_rows(cfg: EvalConfig, suite: MetricSuite, clips: EvalClips, real: dict, res: str, log) -> list[Row]:
-    """The VAE's reconstructions of the real clips, scored like a model, and against another clip's voice."""
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _score(
+    suite: MetricSuite, clips: EvalClips, frames: np.ndarray | None, real: dict | None = None, exact: bool = False
+) -> tuple[SuiteResult, dict]:
+    """(the videos scored against their own voice, its values plus `<key>_other` for the VOICE_KEYS scored against
+    clip i + 1's voice)."""
+    own = suite.evaluate(clips.videos(frames), real=real, exact_keypoints=exact)
+    other = suite.evaluate(clips.videos(frames, audio_shift=1), exact_keypoints=exact)
+    return own, {**own.values, **{f"{k}_other": other.values[k] for k in VOICE_KEYS}}
+
+
+def _reconstruction_row(cfg: EvalConfig, suite: MetricSuite, clips: EvalClips, real: dict, res: str, log) -> Row:
+    """The VAE's reconstructions of the real clips, scored like a model."""
     from dystream.evaluation.generation import reconstruct
 
     name = "VAE reconstruction"
     if not Path(cfg.reconstruction_vae).is_file():
         reason = NA(f"{cfg.reconstruction_vae} not found: no VAE export (make train RECIPE=vae)")
         log(f"eval: {name}: {reason}")
-        return [Row(name, "vae_reconstruction", {k: reason for k in (*suite_keys(), "fid", "fvd")}, resolution=res)]
+        return Row(name, "vae_reconstruction", {k: reason for k in row_keys()}, resolution=res)
     log(f"eval: reconstructing {len(clips.keys)} clips with {cfg.reconstruction_vae}")
     frames = np.stack(reconstruct(cfg.reconstruction_vae, clips.references, clips.frames, cfg.batch_size, cfg.device))
-    own = suite.evaluate(clips.videos(frames), real=real)
-    other = suite.evaluate(clips.videos(frames, audio_shift=1))
-    return [
-        Row(name, "vae_reconstruction", own.values, resolution=res),
-        Row(
-            f"{name}, shuffled audio",
-            "vae_reconstruction_shuffled_audio",
-            {k: other.values[k] for k in SYNC_KEYS},
-            resolution=res,
-        ),
-    ]
+    return Row(name, "vae_reconstruction", _score(suite, clips, frames, real)[1], resolution=res)
 
 
 def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
@@ -241,21 +255,18 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
     res = f"{clips.frames.shape[3]}x{clips.frames.shape[2]}"
     log(f"eval: {n} clips x {t} frames ({res}) from {cfg.clips.shards}")
 
-    gt = suite.evaluate(clips.videos())
+    gt, values = _score(suite, clips, None)
     real = gt.features
     for k in ("fid", "fvd", "fd_pose", "fd_sync"):
-        gt.values[k] = suite.na(k)  # the real set itself: "—" (or why the metric is unavailable)
-    rows = [Row("Ground truth", "ground_truth", gt.values, resolution=res)]
-    exact = suite.evaluate(clips.videos(), exact_keypoints=True) if all(k is not None for k in clips.kpts) else None
-    if exact is not None:
-        rows.append(Row("Ground truth (exact keypoints)", "ground_truth_exact_keypoints",
-                        {k: exact.values[k] for k in KEYPOINT_KEYS}, resolution=res))  # fmt: skip
-    shuffled = suite.evaluate(clips.videos(audio_shift=1))
-    rows.append(Row("Ground truth, shuffled audio", "shuffled_audio",
-                    {k: shuffled.values[k] for k in SYNC_KEYS}, resolution=res))  # fmt: skip
+        values[k] = suite.na(k)  # the real set itself: "—" (or why the metric is unavailable)
+    rows = [Row("Ground truth", "ground_truth", values, resolution=res)]
+    if all(k is not None for k in clips.kpts):
+        _, exact = _score(suite, clips, None, exact=True)
+        labels = {k: v for k, v in exact.items() if k.removesuffix("_other") in KEYPOINT_KEYS}  # sync: as above
+        rows.append(Row("Ground truth (exact keypoints)", "ground_truth_exact_keypoints", labels, resolution=res))
 
     if cfg.reconstruction_vae is not None:
-        rows += _reconstruction_rows(cfg, suite, clips, real, res, log)
+        rows.append(_reconstruction_row(cfg, suite, clips, real, res, log))
 
     for spec in cfg.models:
         missing = spec.missing()
@@ -263,7 +274,7 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
             how = f" (make train RECIPE={spec.recipe})" if spec.recipe else ""
             reason = NA(f"{', '.join(missing)} not found: no {spec.name} export{how}")
             log(f"eval: {spec.name}: {reason}")
-            values = {k: reason for k in (*suite_keys(), "fid", "fvd")}
+            values = {k: reason for k in row_keys()}
             rows.append(Row(spec.name, spec.kind, values, steps=spec.steps, resolution=res, time_per_5s=reason))
             continue
         log(f"eval: generating {n} clips with {spec.name} ({spec.weights})")
@@ -275,12 +286,18 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
             reason = NA(f"{spec.name} could not generate ({type(e).__name__}: {first}); re-export it with "
                         f"make train RECIPE={spec.recipe or '<its stage>'}")  # fmt: skip
             log(f"eval: {spec.name}: {reason}")
-            values = {k: reason for k in (*suite_keys(), "fid", "fvd")}
+            values = {k: reason for k in row_keys()}
             rows.append(Row(spec.name, spec.kind, values, steps=spec.steps, resolution=res, time_per_5s=reason))
             continue
-        result = suite.evaluate(clips.videos(np.stack(out.videos)), real=real)
+        _, values = _score(suite, clips, np.stack(out.videos), real)
+        if cfg.swapped_voice:
+            log(f"eval: generating {n} clips with {spec.name}, driven by another clip's voice")
+            swapped = generate(spec, clips.references, np.roll(clips.audio_self, -1, axis=0), clips.audio_other,
+                               clips.masks, seed=cfg.seed, batch_size=cfg.batch_size, device=device)  # fmt: skip
+            driving = suite.evaluate(clips.videos(np.stack(swapped.videos), audio_shift=1))
+            values["mouth_voice_r_speech_swapped"] = driving.values["mouth_voice_r_speech"]
         per5 = out.seconds_per_clip * (5 * 25) / t
-        rows.append(Row(spec.name, spec.kind, result.values, steps=out.steps, resolution=res, time_per_5s=per5))
+        rows.append(Row(spec.name, spec.kind, values, steps=out.steps, resolution=res, time_per_5s=per5))
 
     nets = {k: (v.sha256[:12] if v else "given") for k, v in suite.weights.items()}
     sync_info = suite.weights.get("sync")
@@ -314,15 +331,17 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
         "unavailable": suite.unavailable,
         "weights": {k: (v.as_dict() if v else None) for k, v in suite.weights.items()},
         "config": dataclasses.asdict(cfg),
-        "per_video": {"ground_truth": gt.per_video, "shuffled_audio": shuffled.per_video},
+        "per_video": {"ground_truth": gt.per_video},
     }
     return rows, notes, meta
 
 
-def suite_keys() -> tuple[str, ...]:
-    from dystream.evaluation.suite import DRIFT_METRICS, VIDEO_METRICS
+def row_keys() -> tuple[str, ...]:
+    """Every value key of a model row (the keys an n/a row fills)."""
+    from dystream.evaluation.suite import DRIFT_METRICS, FD_METRICS, VIDEO_METRICS
 
-    return (*VIDEO_METRICS, *DRIFT_METRICS, "fd_pose", "fd_sync")
+    other = tuple(f"{k}_other" for k in VOICE_KEYS)
+    return (*VIDEO_METRICS, *DRIFT_METRICS, *FD_METRICS, *other, "mouth_voice_r_speech_swapped")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

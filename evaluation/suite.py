@@ -10,6 +10,7 @@ Metrics (docs/evaluation.md for each protocol):
 | `fd_sync` | Fréchet distance of the synthetic SyncNet's lip-window embeddings (5-frame windows) | `metric_syncnet` |
 | `sync_c`, `sync_d` | Sync-C / Sync-D (`SyncNetScorer`, synthetic SyncNet), mean over videos | `metric_syncnet` |
 | `hkc`, `hkv`, `lbkv`, `lhkv`, `lfkv` | keypoint metrics on the synthetic pose network's keypoints | `metric_pose` |
+| `mouth_voice_r`, `mouth_voice_r_speech` | r of lip gap and voice loudness, all / speaking frames | `metric_pose` |
 | `drift_*` | identity drift (distance to the reference image; pixel RMS at 64x64 without an embedding) | nothing |
 
 FD-pose and FD-sync are *not* FID/FVD: they use our synthetic networks' features, are only comparable between rows of
@@ -33,6 +34,7 @@ from dystream.evaluation.frechet import FeatureStats, frechet_distance
 from dystream.evaluation.identity import identity_drift
 from dystream.evaluation.keypoints import DWPOSE_134, hkc, hkv, listening_variances
 from dystream.evaluation.metric_nets import DEFAULT_POSE, DEFAULT_SYNCNET, load_metric_pose, load_metric_syncnet
+from dystream.evaluation.mouth_voice import mouth_opening, mouth_voice_correlation
 from dystream.evaluation.networks.pose_small import PoseNetBackend
 from dystream.evaluation.networks.syncnet import load_syncnet
 from dystream.evaluation.sync import KeypointFaceBoxes, SyncNetScorer, crop_faces, sync_scores
@@ -41,8 +43,8 @@ from dystream.evaluation.weights import MetricUnavailable, WeightsInfo
 __all__ = ["NA", "EvalVideo", "MetricSuite", "SuiteConfig", "SuiteResult", "VIDEO_METRICS", "FD_METRICS"]
 
 FD_METRICS = ("fid", "fvd", "fd_pose", "fd_sync")
-VIDEO_METRICS = ("sync_c", "sync_d", "hkc", "hkv", "lbkv", "lhkv", "lfkv")
-KEYPOINT_METRICS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv")
+VIDEO_METRICS = ("sync_c", "sync_d", "hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech")
+KEYPOINT_METRICS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech")
 DRIFT_METRICS = ("drift_mean", "drift_first", "drift_last", "drift_slope_per_min")
 # which network each metric needs (keys of MetricSuite.unavailable)
 NEEDS = {
@@ -52,7 +54,7 @@ NEEDS = {
     "fd_sync": "sync",
     "sync_c": "sync",
     "sync_d": "sync",
-    **{k: "pose" for k in ("hkc", "hkv", "lbkv", "lhkv", "lfkv")},
+    **{k: "pose" for k in KEYPOINT_METRICS},
 }
 
 
@@ -256,6 +258,9 @@ class MetricSuite:
             out["hkv"] = hkv(kpts, DWPOSE_134, frame_height=h)
             lv = listening_variances(kpts, video.mask, DWPOSE_134, frame_height=h)
             out.update(lbkv=lv["LBKV"], lhkv=lv["LHKV"], lfkv=lv["LFKV"])
+            opening = mouth_opening(kpts, DWPOSE_134)
+            out["mouth_voice_r"] = mouth_voice_correlation(opening, video.audio)
+            out["mouth_voice_r_speech"] = mouth_voice_correlation(opening, video.audio, video.mask)
         boxes = self._boxes(video, None if exact_keypoints else kpts)
         if self.scorer is not None and boxes is not None:
             crops = crop_faces(video.frames, boxes)

@@ -5,11 +5,14 @@
   FD-sync are Fréchet distances in our synthetic metric networks' feature spaces, never called FID/FVD.
 - Table 2 (listening): Method | LBKV | LHKV | LFKV.
 - Table 3 (identity drift): Method | mean | first bucket | last bucket | slope per minute (distance to the reference).
+- Table 4 (mouth and voice): Sync-C, Sync-D and the mouth-voice correlation (`mouth_voice.py`) against the own voice,
+  against another clip's voice ("other voice": the floor), and for models driven by another clip's voice ("swapped
+  voice": the mouth follows the audio, not only the speaking mask).
 
 A cell is a number, "n/a" with its reason (markdown: a lettered footnote; CSV: "n/a (reason)"; JSON:
 {"value": null, "na": reason}), or "—" (markdown; empty in CSV, null in JSON) when the metric does not apply to the row.
 `write_tables(rows, out_dir, notes)` writes `results.md`, `table1_talking.csv`, `table2_listening.csv`,
-`table3_drift.csv` and `results.json`.
+`table3_drift.csv`, `table4_voice.csv` and `results.json`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 from dystream.evaluation.suite import NA
 
-__all__ = ["TABLE1", "TABLE2", "TABLE3", "Row", "format_value", "table_columns", "write_tables"]
+__all__ = ["TABLE1", "TABLE2", "TABLE3", "TABLE4", "Row", "format_value", "table_columns", "write_tables"]
 
 # (header, key, decimals)
 TABLE1: list[tuple[str, str, int]] = [
@@ -45,6 +48,17 @@ TABLE3: list[tuple[str, str, int]] = [
     ("last bucket", "drift_last", 4),
     ("slope / min", "drift_slope_per_min", 4),
 ]
+TABLE4: list[tuple[str, str, int]] = [
+    ("Sync-C", "sync_c", 2),
+    ("Sync-C, other voice", "sync_c_other", 2),
+    ("Sync-D", "sync_d", 2),
+    ("Sync-D, other voice", "sync_d_other", 2),
+    ("mouth-voice r", "mouth_voice_r", 3),
+    ("r, other voice", "mouth_voice_r_other", 3),
+    ("r in speech", "mouth_voice_r_speech", 3),
+    ("r in speech, other voice", "mouth_voice_r_speech_other", 3),
+    ("r in speech, swapped voice", "mouth_voice_r_speech_swapped", 3),
+]
 OPTIONAL = ("ase", "iqa")  # shown only if a row provides them (paper: Q-Align)
 
 
@@ -53,7 +67,7 @@ class Row:
     """One table row: a method (or ground truth) and its values; `values` keys are the metric keys above."""
 
     name: str
-    kind: str  # "ground_truth", "shuffled_audio", "teacher", "student", ...
+    kind: str  # "ground_truth", "vae_reconstruction", "teacher", "student", ...
     values: dict[str, float | NA] = field(default_factory=dict)
     steps: int | None = None
     resolution: str = ""
@@ -139,7 +153,7 @@ def _json_value(v: float | NA | None) -> Any:
 
 
 def write_tables(rows: Sequence[Row], out_dir: str | Path, notes: Sequence[str] = (), meta: dict | None = None) -> dict:
-    """Write the three tables under `out_dir`; returns {"md": path, "csv": [paths], "json": path}."""
+    """Write the four tables under `out_dir`; returns {"md": path, "csv": [paths], "json": path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t1, t2, t3 = table_columns(rows, TABLE1), TABLE2, TABLE3
@@ -149,21 +163,23 @@ def write_tables(rows: Sequence[Row], out_dir: str | Path, notes: Sequence[str] 
     md += ["", "## Table 2: listening (StreamAvatar Table 2 layout)", ""] + _md_table(rows, t2, foot, extra=False)
     md += ["", "## Table 3: identity drift (distance of each frame to the reference image)", ""]
     md += _md_table(rows, t3, foot, extra=False)
+    md += ["", "## Table 4: does the mouth follow the voice (own voice, another clip's voice, swapped voice)", ""]
+    md += _md_table(rows, TABLE4, foot, extra=False)
     if notes:
         md += ["", "## Protocol", ""] + [f"- {n}" for n in notes]
     if foot.letters:
         md += ["", "## n/a reasons", ""] + [f"- [{letter}] {reason}" for reason, letter in foot.letters.items()]
     paths = {"md": out / "results.md", "json": out / "results.json"}
     paths["md"].write_text("\n".join(md) + "\n")
-    csvs = [out / "table1_talking.csv", out / "table2_listening.csv", out / "table3_drift.csv"]
-    _write_csv(csvs[0], rows, t1, extra=True)
-    _write_csv(csvs[1], rows, t2, extra=False)
-    _write_csv(csvs[2], rows, t3, extra=False)
+    csvs = [out / f"{name}.csv" for name in ("table1_talking", "table2_listening", "table3_drift", "table4_voice")]
+    for path, cols in zip(csvs, (t1, t2, t3, TABLE4), strict=True):
+        _write_csv(path, rows, cols, extra=cols is t1)
     doc = {
         "columns": {
             "table1": [k for _, k, _ in t1] + ["steps", "resolution", "time_per_5s"],
             "table2": [k for _, k, _ in t2],
             "table3": [k for _, k, _ in t3],
+            "table4": [k for _, k, _ in TABLE4],
         },
         "rows": [
             {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,13 +35,15 @@ TABLE1 = ["Method", "FID", "FVD", "FD-pose", "FD-sync", "Sync-C", "Sync-D", "HKV
 def _rows(with_ase: bool = False) -> list[Row]:
     na = NA("metric weights 'pt_inception-2015-12-05-6726825d.pth' for FID unavailable: no path was given")
     values = {"fid": na, "sync_c": 4.5, "sync_d": 2.1, "hkv": 30.0, "lbkv": 1.0, "lhkv": 0.5, "lfkv": 0.25}
-    gt = Row("Ground truth", "ground_truth", {**values, "drift_mean": 0.1}, resolution="64x64")
-    shuffled = Row("Ground truth, shuffled audio", "shuffled_audio", {"sync_c": 0.9, "sync_d": 7.0}, resolution="64x64")
+    voice = {"sync_c_other": 0.9, "sync_d_other": 7.0, "mouth_voice_r": 0.9, "mouth_voice_r_other": -0.01}
+    gt = Row("Ground truth", "ground_truth", {**values, **voice, "drift_mean": 0.1}, resolution="64x64")
+    exact = Row("Ground truth (exact keypoints)", "ground_truth_exact_keypoints", {"hkv": 90.0}, resolution="64x64")
     teacher = Row("Teacher", "teacher", {"fid": na, "fd_pose": 12.0, "sync_c": 1.0, "hkv": float("nan")},
                   steps=20, resolution="64x64", time_per_5s=3.25)  # fmt: skip
     if with_ase:
         teacher.values["ase"] = 4.2
-    return [gt, shuffled, teacher]
+    teacher.values["mouth_voice_r_speech_swapped"] = 0.25
+    return [gt, exact, teacher]
 
 
 def test_tables_writer_layout(tmp_path):
@@ -64,6 +67,12 @@ def test_tables_writer_layout(tmp_path):
     assert doc["columns"]["table1"] == ["fid", "fvd", "fd_pose", "fd_sync", "sync_c", "sync_d", "hkv", "steps",
                                         "resolution", "time_per_5s"]  # fmt: skip
     assert doc["columns"]["table2"] == ["lbkv", "lhkv", "lfkv"]
+    assert doc["columns"]["table4"][-1] == "mouth_voice_r_speech_swapped"
+    assert "| Ground truth | 4.50 | 0.90 | 2.10 | 7.00 | 0.900 | -0.010 | — | — | — |" in md  # Table 4
+    assert "| Teacher | 1.00 | — | — | — | — | — | — | — | 0.250 |" in md
+    with open(tmp_path / "table4_voice.csv") as f:
+        head = next(csv.reader(f))
+    assert head[:3] == ["Method", "Sync-C", "Sync-C, other voice"] and head[-1] == "r in speech, swapped voice"
     teacher = doc["rows"][2]
     assert teacher["values"]["fid"] == {"value": None, "na": _rows()[0].values["fid"].reason}
     assert teacher["values"]["hkv"] is None and teacher["time_per_5s"] == 3.25 and doc["meta"] == {"x": 1}
@@ -139,11 +148,16 @@ def test_eval_cli_end_to_end_with_a_missing_network_and_a_missing_model(tmp_path
     assert "dystream fit --config recipes/metric_syncnet.yaml" in out
     doc = json.loads((tmp_path / "results" / "results.json").read_text())
     names = [r["name"] for r in doc["rows"]]
-    assert names == ["Ground truth", "Ground truth (exact keypoints)", "Ground truth, shuffled audio", "Student SiD"]
-    gt, exact, shuffled, sid = doc["rows"]
+    assert names == ["Ground truth", "Ground truth (exact keypoints)", "Student SiD"]
+    gt, exact, sid = doc["rows"]
     assert "metric_syncnet" in gt["values"]["sync_c"]["na"] and isinstance(gt["values"]["hkv"], float)
+    assert "metric_syncnet" in gt["values"]["sync_c_other"]["na"] and "mouth_voice_r_other" in gt["values"]
     assert isinstance(exact["values"]["hkv"], float) and "sync_c" not in exact["values"]
+    # the labels' mouth is the own voice's envelope: r ~ 1 with it, far lower against another clip's voice
+    assert exact["values"]["mouth_voice_r"] > 0.9 > exact["values"]["mouth_voice_r_other"] + 0.4
     assert "make train RECIPE=stage1_sid" in sid["values"]["hkv"]["na"]
+    assert "make train RECIPE=stage1_sid" in sid["values"]["mouth_voice_r_speech_swapped"]["na"]
+    assert "Table 4: does the mouth follow the voice" in (tmp_path / "results" / "results.md").read_text()
     assert isinstance(gt["values"]["drift_mean"], float) and len(doc["meta"]["per_video"]["ground_truth"]) == 3
 
 
@@ -170,7 +184,8 @@ def test_suite_resolves_zoo_entry_names(tmp_path, monkeypatch):
 
 def test_vae_reconstruction_rows(tmp_path):
     """`reconstruction_vae` adds the VAE's reconstructions of the real clips as a row (Fréchet distances against
-    the real set) and its shuffled-audio row; batching does not change the reconstructions; a missing file is n/a."""
+    the real set), also scored against another clip's voice; batching does not change the reconstructions; a
+    missing file is n/a."""
     from dystream.evaluation.generation import reconstruct
     from dystream.models.vae import ReferenceGuidedVAE, VAEConfig
 
@@ -197,12 +212,60 @@ def test_vae_reconstruction_rows(tmp_path):
 
     rows, _, _ = eval_cli.evaluate(cfg, log=lambda *a: None)
     by_name = {r.name: r for r in rows}
-    rec, shuffled = by_name["VAE reconstruction"], by_name["VAE reconstruction, shuffled audio"]
+    rec = by_name["VAE reconstruction"]
     assert isinstance(rec.values["fd_pose"], float) and rec.values["fd_pose"] > 0  # against the real clips
-    assert isinstance(rec.values["sync_c"], float) and set(shuffled.values) == {"sync_c", "sync_d"}
-    assert shuffled.values["sync_c"] != rec.values["sync_c"]
+    assert isinstance(rec.values["sync_c"], float) and isinstance(rec.values["sync_c_other"], float)
+    assert rec.values["sync_c_other"] != rec.values["sync_c"]  # scored against another clip's voice
+    assert "mouth_voice_r_speech_swapped" not in rec.values  # only a model can be driven by another voice
 
     recipe.write_text(body + f"reconstruction_vae: {tmp_path / 'none.safetensors'}\n")
     rows, _, _ = eval_cli.evaluate(eval_cli.load_config(recipe), log=lambda *a: None)
     (missing,) = [r for r in rows if r.kind == "vae_reconstruction"]
     assert "make train RECIPE=vae" in missing.values["sync_c"].reason
+
+
+def test_models_are_driven_by_another_voice_for_the_swapped_column(tmp_path, monkeypatch):
+    """With `swapped_voice`, each model generates twice: with its own voice, then with clip i + 1's voice (its own
+    reference, mask and partner), and the second set is scored against the voice that drove it."""
+    from dystream.evaluation import generation
+    from dystream.evaluation.generation import GeneratedSet
+
+    synthesize(tmp_path / "data", clips=1, val_clips=3, size=32, seconds=1.6, workers=1)
+    pose = save_model(PoseRegressor(POSE_PRESETS["tiny"]), tmp_path / "pose.safetensors", arch="metric_pose")
+    (tmp_path / "dit.safetensors").touch()
+    calls = []
+    by_voice = {}
+
+    def fake_generate(spec, references, audio_self, audio_other, masks, **kw):
+        calls.append((audio_self.copy(), audio_other.copy(), masks.copy(), references.copy()))
+        # a model whose mouth is the real one of the clip whose voice drives it
+        return GeneratedSet([by_voice[a.tobytes()] for a in audio_self], steps=1, seconds_per_clip=0.1)
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(
+        f"clips: {{shards: {tmp_path / 'data' / 'val'}, count: 3, frames: 36, reference_frame: 0}}\n"
+        f"metrics: {{syncnet: null, pose: {pose}}}\n"
+        f"models:\n  - {{name: M, kind: student, weights: {tmp_path / 'dit.safetensors'}, vae: {pose}, "
+        f"audio: {pose}}}\n"
+    )
+    cfg = eval_cli.load_config(recipe)
+    clips = eval_cli.load_clips(cfg.clips)
+    by_voice.update({a.tobytes(): f for a, f in zip(clips.audio_self, clips.frames, strict=True)})
+    rows, _, _ = eval_cli.evaluate(cfg, log=lambda *a: None)
+    (own_call, swapped_call) = calls
+    assert (own_call[0] == clips.audio_self).all()
+    assert (swapped_call[0] == np.roll(clips.audio_self, -1, axis=0)).all()
+    for a, b in zip(own_call[1:], swapped_call[1:], strict=True):
+        assert (a == b).all()  # partner voice, mask and reference are the clip's own
+    gt, model = rows[0], rows[-1]
+    assert model.values["mouth_voice_r"] == pytest.approx(gt.values["mouth_voice_r"])  # it reproduces the real clips
+    assert isinstance(model.values["mouth_voice_r_speech_swapped"], float)
+
+    recipe.write_text(recipe.read_text() + "swapped_voice: false\n")
+    calls.clear()
+    rows, _, _ = eval_cli.evaluate(eval_cli.load_config(recipe), log=lambda *a: None)
+    assert len(calls) == 1 and "mouth_voice_r_speech_swapped" not in rows[-1].values
+    recipe.write_text(recipe.read_text() + "swapped_voice: sometimes\n")
+    with pytest.raises(ValueError, match="swapped_voice: expected true or false"):
+        eval_cli.load_config(recipe)
