@@ -5,16 +5,18 @@
     synthetic.py   the procedurally rendered dyadic world (the embedded default dataset)
     pack.py        packing real clips (re-encode, resample, VAD masks) into shards
     speakervid.py  SpeakerVidDataModule (WebDataset + decord windows)
-    cli.py         `dystream data synth|pack|index`
+    latents.py     cached-latent shards (`dystream data encode`)
+    latent_windows.py  LatentDataModule: training windows from cached latents, validation from clips
+    cli.py         `dystream data synth|pack|index|encode`
 
-`SpeakerVidDataModule` is imported lazily, so the tools above do not pull in Lightning.
+The DataModules are imported lazily, so the tools above do not pull in Lightning.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SpeakerVidDataModule"]
+__all__ = ["LatentDataModule", "SpeakerVidDataModule"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from dystream.datamodules.speakervid import SpeakerVidDataModule
 
         return SpeakerVidDataModule
+    if name == "LatentDataModule":
+        from dystream.datamodules.latent_windows import LatentDataModule
+
+        return LatentDataModule
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

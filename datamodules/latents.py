@@ -6,6 +6,8 @@ latent sample per source clip, keys unchanged, in WebDataset shards with an ``in
 
     KEY.latents.npy      float16 [z, 1 + n, h, w]   normalised VAE latents of cat([reference, frames 0 .. 4n-1])
     KEY.ref_latents.npy  float16 [R, z, h, w]       each reference frame encoded alone (latent frame 0 form)
+    KEY.references.npy   uint8 [R, size, size, 3]    the reference frames as encoded (cropped, resized): the VAE
+                                                     decoder's guidance when samples are decoded
     KEY.self.wav         16 kHz mono, copied from the source sample (all n_frames frames)
     KEY.other.wav        16 kHz mono, copied
     KEY.mask.npy         uint8 [n_frames], copied
@@ -26,13 +28,12 @@ itself as guidance, i.e. what latent frame 0 would be with that reference. The r
 A window of F latent frames starting at latent frame ``1 + j`` is ``latents[:, 1 + j : 1 + j + F]``
 with audio samples ``640 * 4j .. 640 * 4(j + F)``; for j > 0 these latents carry the causal
 encoder's view of the frames before the window, as a stream does. :func:`read_latent_sample`
-decodes a sample into tensors.
+decodes a sample into tensors; `latent_windows.LatentDataModule` trains the DiT stages on windows of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import sys
@@ -55,8 +56,8 @@ if TYPE_CHECKING:  # torch is imported where it is used, so `dystream --help` st
     import torch
 
 HELP = "encode clip shards into cached-latent shards with a frozen VAE"
-LATENT_FORMAT = "dystream-latents/1"
-LATENT_FIELDS = ("latents.npy", "ref_latents.npy", "self.wav", "other.wav", "mask.npy", "json")
+LATENT_FORMAT = "dystream-latents/2"  # /2 added references.npy
+LATENT_FIELDS = ("latents.npy", "ref_latents.npy", "references.npy", "self.wav", "other.wav", "mask.npy", "json")
 COPIED_FIELDS = ("self.wav", "other.wav", "mask.npy", "kpts.npy")
 
 
@@ -92,14 +93,6 @@ def load_vae(path: str | Path, map_location: str | torch.device = "cpu") -> torc
 
         vae = load_model(path, arch="vae", map_location=map_location)
     return freeze(vae)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,10 +190,12 @@ def encode_sample(
         "latent_channels": vae.config.latent_channels,
         "dtype": "float16",
     }
+    pixels = ((video[:, refs].transpose(0, 1).permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255)
     out = {
         "__key__": key,
         "latents.npy": _npy(latents.cpu().numpy().astype(np.float16)),
         "ref_latents.npy": _npy(ref_latents.cpu().numpy().astype(np.float16)),
+        "references.npy": _npy(pixels.cpu().numpy().astype(np.uint8)),  # [R, size, size, 3]
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
     for name in COPIED_FIELDS:
@@ -215,20 +210,25 @@ def encode_sample(
 
 
 def read_latent_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Raw latent sample -> ``latents`` float32 [z, 1 + n, h, w], ``ref_latents`` [R, z, h, w],
-    ``audio_self``/``audio_other`` float32 [n_frames * 640], ``mask`` float32 [n_frames], ``meta``, ``key``."""
+    """Raw latent sample -> ``latents`` float32 [z, 1 + n, h, w], ``ref_latents`` [R, z, h, w], ``references``
+    uint8 [R, size, size, 3], ``audio_self``/``audio_other`` float32 [n_frames * 640], ``mask`` float32 [n_frames],
+    ``meta``, ``key``."""
     import torch
 
     key = sample.get("__key__", "?")
     missing = [f for f in LATENT_FIELDS if f not in sample]
     if missing:
-        raise ValueError(f"latent sample {key}: missing {missing}; was it written by `dystream data encode`?")
+        raise ValueError(
+            f"latent sample {key}: missing {missing}; latent shards are written by `dystream data encode` "
+            f"(format {LATENT_FORMAT}; re-encode shards written by an older version)"
+        )
     meta = json.loads(sample["json"])
     out = {
         "key": key,
         "meta": meta,
         "latents": torch.from_numpy(decode_npy(sample["latents.npy"]).astype(np.float32)),
         "ref_latents": torch.from_numpy(decode_npy(sample["ref_latents.npy"]).astype(np.float32)),
+        "references": torch.from_numpy(decode_npy(sample["references.npy"])),
         "audio_self": torch.from_numpy(decode_wav(sample["self.wav"])[0]),
         "audio_other": torch.from_numpy(decode_wav(sample["other.wav"])[0]),
         "mask": torch.from_numpy(decode_npy(sample["mask.npy"]).astype(np.float32)),
@@ -264,6 +264,8 @@ def export_latents(
     r_s = vae.config.spatial_factor
     if size % r_s:
         raise ValueError(f"--size {size} must be a multiple of the VAE's spatial factor {r_s}")
+    from dystream.zoo.cache import sha256_file
+
     vae_info = {"vae": str(vae_path), "vae_sha256": sha256_file(vae_path)}
     shard_set = resolve_shards(shards)
     index_extra = {"content": LATENT_FORMAT, "source": str(shards), **vae_info, "size": size}

@@ -55,7 +55,7 @@ def test_encode_tool_writes_latents_equal_to_one_shot(tmp_path, shards_and_vae):
     )  # fmt: skip
     assert rc == 0
     index = json.loads((out / "index.json").read_text())
-    assert index["total_samples"] == 2 and index["content"] == "dystream-latents/1"
+    assert index["total_samples"] == 2 and index["content"] == "dystream-latents/2"
     source = {s["__key__"]: s for s in iter_tar_samples(shard_dir / "shard-000000.tar")}
     written = list(iter_tar_samples(out / index["shards"][0]["name"]))
     assert [s["__key__"] for s in written] == ["c0", "c1"]
@@ -76,6 +76,8 @@ def test_encode_tool_writes_latents_equal_to_one_shot(tmp_path, shards_and_vae):
         torch.testing.assert_close(got["ref_latents"], expected_refs[:, :, 0], atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(got["ref_latents"][0], got["latents"][:, 0], atol=0, rtol=0)
         assert sample["self.wav"] == src["self.wav"] and sample["mask.npy"] == src["mask.npy"]
+        # the reference pixels, as encoded (no resize at 32: the decoded frames exactly)
+        assert torch.equal(got["references"], torch.from_numpy(decode_video(src["mp4"])[refs]))
         assert got["meta"]["latents"]["covered_frames"] == 8 and got["meta"]["identity"] == got["key"]
         assert got["mask"].shape == (10,) and got["audio_self"].shape == (6400,)
 

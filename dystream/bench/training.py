@@ -8,7 +8,9 @@ measured here; `dystream bench data` measures the loader):
   (matmuls and convolutions, forward + backward) over its median time, against the **measured
   matmul peak** of the same machine and dtype (a large square matmul), i.e. model FLOPs utilisation;
 - **Lightning overhead**: the same steps run by ``Trainer.fit`` vs a plain PyTorch loop calling
-  the stage's own loss, optimiser and EMA (ratio of per-step medians; target <= 1.10).
+  the stage's own loss, optimiser and EMA (ratio of per-step medians; target <= 1.10);
+- **cached latents**: the same step on a batch that carries its latents (``LatentDataModule``), i.e. without the
+  VAE encoder, and the speed-up over encoding online (mp4 decoding, also saved, is not in this figure).
 """
 
 from __future__ import annotations
@@ -114,6 +116,12 @@ def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
         achieved = step_flops / plain_s["median"]
         figures["teacher achieved FLOP/s"] = achieved
         figures["teacher MFU (achieved / measured peak)"] = achieved / peak["median"]
+
+        cached = {**batch, "latents": stage.cond.encode_video(batch["references"][:, 0], batch["video"])}
+        latent = time_call(lambda: _plain_step(stage, opt, cached), repeats=steps, warmup=2, device=device)
+        latent_s = summarize(latent, "s/step")
+        figures["teacher step from cached latents (plain PyTorch)"] = latent_s
+        figures["cached-latent speed-up (online / cached step)"] = plain_s["median"] / latent_s["median"]
 
         # the same steps through Lightning: fit on a list of identical in-memory batches
         timer = _TimedSteps()

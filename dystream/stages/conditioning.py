@@ -65,6 +65,12 @@ class AvatarConditioner(nn.Module):
         clip = torch.cat([reference[:, :, None], video], dim=2)
         return self.vae.encode(clip, references=reference[:, None])
 
+    def batch_latents(self, batch: dict[str, Any]) -> Tensor:
+        """The latents of a training batch: cached ones (`LatentDataModule`) or the window encoded now."""
+        if "latents" in batch:
+            return batch["latents"]
+        return self.encode_video(batch["references"][:, 0], batch["video"])
+
     @torch.no_grad()
     def encode_reference(self, reference: Tensor) -> Tensor:
         """reference [B, 3, H, W] -> its latent frame [B, z, 1, h, w]."""
@@ -114,3 +120,22 @@ def build_dit(
     if text_context is not None:
         model.set_text_context(load_text_context(text_context))
     return model
+
+
+def check_cached_latents(datamodule: Any, vae: str) -> None:
+    """Stop a stage whose training latents were cached by another VAE than its own (`LatentDataModule.vae_sha256`).
+
+    Latents of another VAE train without an error but mean nothing to this stage's decoder."""
+    cached = getattr(datamodule, "vae_sha256", None)
+    if cached is None:
+        return
+    from dystream.zoo.cache import sha256_file
+
+    path = resolve(vae) if is_entry(vae) else Path(vae)
+    own = sha256_file(path)
+    if own != cached:
+        raise ValueError(
+            f"the cached latents of {getattr(datamodule, 'train_shards', '?')} were encoded by a VAE with sha256 "
+            f"{cached[:12]}..., this stage's VAE {path} has {own[:12]}...; re-encode them with `dystream data encode "
+            f"--vae {path} ...` or point the stage at the VAE that wrote them"
+        )

@@ -74,7 +74,7 @@ from dystream.objectives.gan import (
     gradient_penalty,
 )
 from dystream.stages.common import EMA
-from dystream.stages.conditioning import AvatarConditioner, build_dit
+from dystream.stages.conditioning import AvatarConditioner, build_dit, check_cached_latents
 from dystream.stages.student import StudentStage, build_student, frame_features, frozen, latent_mse
 
 DiscriminatorPresetName = Literal["tiny", "wan2.2-ti2v-5b"]
@@ -224,11 +224,12 @@ class GANStage(StudentStage):
     # -- inputs -------------------------------------------------------------------------------------
     def real_latents(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Real latents ``[B, z, 1 + T/4, h, w]`` of the window (frame 0 the reference) and the audio conditions."""
-        if "video" not in batch:
+        if "video" not in batch and "latents" not in batch:
             raise ValueError(
-                "GANStage needs real video: batches from SpeakerVidDataModule (key 'video'), not ODE pairs"
+                "GANStage needs real windows: batches from SpeakerVidDataModule (key 'video') or LatentDataModule "
+                "(key 'latents'), not ODE pairs"
             )
-        real = self.cond.encode_video(batch["references"][:, 0], batch["video"])
+        real = self.cond.batch_latents(batch)
         return real, self.cond.audio_conditions(batch)
 
     def rollout(
@@ -335,9 +336,12 @@ class GANStage(StudentStage):
         return loss, {"g_logit_fake": self.score(out_fake).detach().mean()}
 
     # -- Lightning: manual optimisation -------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        check_cached_latents(getattr(self.trainer, "datamodule", None), self.hparams.vae)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt_d, opt_g = self.optimizers()
-        b = batch["video"].shape[0]
+        b = batch["audio_self"].shape[0]
         loss_d, logs = self.discriminator_step_loss(batch)
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)

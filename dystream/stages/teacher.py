@@ -27,7 +27,7 @@ from dystream.diffusion.schedule import sample_training_sigma, sampling_sigmas
 from dystream.objectives.flow_matching import FlowMatchingConfig, draw_dropout_masks, flow_matching_loss
 from dystream.scale import exports_during_training, shards_parameters
 from dystream.stages.common import EMA
-from dystream.stages.conditioning import AvatarConditioner, DiTPresetName, build_dit
+from dystream.stages.conditioning import AvatarConditioner, DiTPresetName, build_dit, check_cached_latents
 from dystream.streaming.video_io import write_mp4
 from dystream.zoo.files import save_model
 
@@ -110,15 +110,19 @@ class TeacherStage(L.LightningModule):
         return call
 
     # -- training --------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        check_cached_latents(getattr(self.trainer, "datamodule", None), self.hparams.vae)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, logs = self._loss(batch)
         extra = {f"train/{k}": v for k, v in logs.items() if k != "loss"}
-        self.log_dict(extra, prog_bar=False, batch_size=batch["video"].shape[0])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
+        b = batch["audio_self"].shape[0]
+        self.log_dict(extra, prog_bar=False, batch_size=b)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss
 
     def _loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        x0 = self.cond.encode_video(batch["references"][:, 0], batch["video"])  # [B, z, 1 + T/4, h, w]
+        x0 = self.cond.batch_latents(batch)  # [B, z, 1 + T/4, h, w], cached or encoded now
         cond = self.cond.audio_conditions(batch)
         b = x0.shape[0]
         sigma = sample_training_sigma(
