@@ -579,3 +579,11 @@ def test_context_defaults_and_padding():
         torch.testing.assert_close(model(x, sigma, context=short), model(x, sigma, context=padded))
         model.set_text_context(short[0])
     torch.testing.assert_close(learned, explicit)
+
+
+def test_mini_p4_is_mini_with_4x4_patches():
+    """The tiny-f4 VAE's 16x16 latents at 4x4 patches give mini's 16 tokens per frame; nothing else differs."""
+    import dataclasses
+
+    mini, p4 = DiTConfig.from_preset("mini"), DiTConfig.from_preset("mini-p4")
+    assert p4.patch_size == (1, 4, 4) and dataclasses.replace(p4, patch_size=mini.patch_size) == mini

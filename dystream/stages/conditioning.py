@@ -22,7 +22,7 @@ from dystream.models.dit import AvatarDiT, DiTConfig
 from dystream.stages.common import freeze, load_frozen
 from dystream.zoo import is_entry, load_text_context, load_weights, resolve
 
-DiTPresetName = Literal["tiny", "mini", "small", "wan2.2-ti2v-5b"]
+DiTPresetName = Literal["tiny", "mini", "mini-p4", "small", "wan2.2-ti2v-5b"]
 
 
 def build_audio_encoder(audio: str, weights: str | None = None, seed: int = 0) -> AudioEncoder:
