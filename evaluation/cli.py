@@ -142,9 +142,11 @@ class EvalClips:
     masks: np.ndarray  # [N, T]
     kpts: list[np.ndarray | None]
 
-    def videos(self, frames: list[np.ndarray] | np.ndarray | None = None, audio_shift: int = 0) -> list[EvalVideo]:
+    def videos(
+        self, frames: list[np.ndarray] | np.ndarray | None = None, audio_shift: int = 0, other_voice: bool = False
+    ) -> list[EvalVideo]:
         """EvalVideos of `frames` (default: the real clips); audio_shift k scores clip i against clip i + k's voice
-        (its own speaking mask kept)."""
+        (its own speaking mask kept); other_voice also scores it against clip i + k + 1's (the `_other` metrics)."""
         frames = self.frames if frames is None else frames
         n = len(self.keys)
         return [
@@ -152,6 +154,7 @@ class EvalClips:
                 key=self.keys[i],
                 frames=frames[i],
                 audio=self.audio_self[(i + audio_shift) % n],
+                other_audio=self.audio_self[(i + audio_shift + 1) % n] if other_voice else None,
                 mask=self.masks[i],
                 reference=self.references[i],
                 kpts=self.kpts[i],
@@ -208,8 +211,6 @@ def load_clips(cfg: ClipsConfig) -> EvalClips:
 
 
 KEYPOINT_KEYS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech")
-# scored against the own voice and (`<key>_other`) against another clip's voice
-VOICE_KEYS = ("sync_c", "sync_d", "mouth_voice_r", "mouth_voice_r_speech")
 
 
 def _flag(value: Any, where: str) -> bool:
@@ -220,12 +221,9 @@ def _flag(value: Any, where: str) -> bool:
 
 def _score(
     suite: MetricSuite, clips: EvalClips, frames: np.ndarray | None, real: dict | None = None, exact: bool = False
-) -> tuple[SuiteResult, dict]:
-    """(the videos scored against their own voice, its values plus `<key>_other` for the VOICE_KEYS scored against
-    clip i + 1's voice)."""
-    own = suite.evaluate(clips.videos(frames), real=real, exact_keypoints=exact)
-    other = suite.evaluate(clips.videos(frames, audio_shift=1), exact_keypoints=exact)
-    return own, {**own.values, **{f"{k}_other": other.values[k] for k in VOICE_KEYS}}
+) -> SuiteResult:
+    """The videos scored against their own voice and, as `<key>_other`, against clip i + 1's voice."""
+    return suite.evaluate(clips.videos(frames, other_voice=True), real=real, exact_keypoints=exact)
 
 
 def _reconstruction_row(cfg: EvalConfig, suite: MetricSuite, clips: EvalClips, real: dict, res: str, log) -> Row:
@@ -239,7 +237,7 @@ def _reconstruction_row(cfg: EvalConfig, suite: MetricSuite, clips: EvalClips, r
         return Row(name, "vae_reconstruction", {k: reason for k in row_keys()}, resolution=res)
     log(f"eval: reconstructing {len(clips.keys)} clips with {cfg.reconstruction_vae}")
     frames = np.stack(reconstruct(cfg.reconstruction_vae, clips.references, clips.frames, cfg.batch_size, cfg.device))
-    return Row(name, "vae_reconstruction", _score(suite, clips, frames, real)[1], resolution=res)
+    return Row(name, "vae_reconstruction", _score(suite, clips, frames, real).values, resolution=res)
 
 
 def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
@@ -255,13 +253,14 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
     res = f"{clips.frames.shape[3]}x{clips.frames.shape[2]}"
     log(f"eval: {n} clips x {t} frames ({res}) from {cfg.clips.shards}")
 
-    gt, values = _score(suite, clips, None)
+    gt = _score(suite, clips, None)
+    values = gt.values
     real = gt.features
     for k in ("fid", "fvd", "fd_pose", "fd_sync"):
         values[k] = suite.na(k)  # the real set itself: "—" (or why the metric is unavailable)
     rows = [Row("Ground truth", "ground_truth", values, resolution=res)]
     if all(k is not None for k in clips.kpts):
-        _, exact = _score(suite, clips, None, exact=True)
+        exact = _score(suite, clips, None, exact=True).values
         labels = {k: v for k, v in exact.items() if k.removesuffix("_other") in KEYPOINT_KEYS}  # sync: as above
         rows.append(Row("Ground truth (exact keypoints)", "ground_truth_exact_keypoints", labels, resolution=res))
 
@@ -289,7 +288,7 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
             values = {k: reason for k in row_keys()}
             rows.append(Row(spec.name, spec.kind, values, steps=spec.steps, resolution=res, time_per_5s=reason))
             continue
-        _, values = _score(suite, clips, np.stack(out.videos), real)
+        values = _score(suite, clips, np.stack(out.videos), real).values
         if cfg.swapped_voice:
             log(f"eval: generating {n} clips with {spec.name}, driven by another clip's voice")
             swapped = generate(spec, clips.references, np.roll(clips.audio_self, -1, axis=0), clips.audio_other,
@@ -338,10 +337,9 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
 
 def row_keys() -> tuple[str, ...]:
     """Every value key of a model row (the keys an n/a row fills)."""
-    from dystream.evaluation.suite import DRIFT_METRICS, FD_METRICS, VIDEO_METRICS
+    from dystream.evaluation.suite import DRIFT_METRICS, FD_METRICS, OTHER_VOICE_METRICS, VIDEO_METRICS
 
-    other = tuple(f"{k}_other" for k in VOICE_KEYS)
-    return (*VIDEO_METRICS, *DRIFT_METRICS, *FD_METRICS, *other, "mouth_voice_r_speech_swapped")
+    return (*VIDEO_METRICS, *DRIFT_METRICS, *FD_METRICS, *OTHER_VOICE_METRICS, "mouth_voice_r_speech_swapped")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ Metrics (docs/evaluation.md for each protocol):
 | `sync_c`, `sync_d` | Sync-C / Sync-D (`SyncNetScorer`, synthetic SyncNet), mean over videos | `metric_syncnet` |
 | `hkc`, `hkv`, `lbkv`, `lhkv`, `lfkv` | keypoint metrics on the synthetic pose network's keypoints | `metric_pose` |
 | `mouth_voice_r`, `mouth_voice_r_speech` | r of lip gap and voice loudness, all / speaking frames | `metric_pose` |
+| `<sync/mouth key>_other` | the same, against `EvalVideo.other_audio` (keypoints, lip embeddings reused) | as above |
 | `drift_*` | identity drift (distance to the reference image; pixel RMS at 64x64 without an embedding) | nothing |
 
 FD-pose and FD-sync are *not* FID/FVD: they use our synthetic networks' features, are only comparable between rows of
@@ -45,6 +46,8 @@ __all__ = ["NA", "EvalVideo", "MetricSuite", "SuiteConfig", "SuiteResult", "VIDE
 FD_METRICS = ("fid", "fvd", "fd_pose", "fd_sync")
 VIDEO_METRICS = ("sync_c", "sync_d", "hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech")
 KEYPOINT_METRICS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech")
+# the same lips against `EvalVideo.other_audio` (another clip's voice: the floor of a video that ignores its audio)
+OTHER_VOICE_METRICS = ("sync_c_other", "sync_d_other", "mouth_voice_r_other", "mouth_voice_r_speech_other")
 DRIFT_METRICS = ("drift_mean", "drift_first", "drift_last", "drift_slope_per_min")
 # which network each metric needs (keys of MetricSuite.unavailable)
 NEEDS = {
@@ -55,6 +58,10 @@ NEEDS = {
     "sync_c": "sync",
     "sync_d": "sync",
     **{k: "pose" for k in KEYPOINT_METRICS},
+    "sync_c_other": "sync",
+    "sync_d_other": "sync",
+    "mouth_voice_r_other": "pose",
+    "mouth_voice_r_speech_other": "pose",
 }
 
 
@@ -81,6 +88,7 @@ class EvalVideo:
     mask: np.ndarray  # [T] 1 = speaking, 0 = listening
     reference: np.ndarray | None = None  # uint8 [H, W, 3] the reference image (identity drift)
     kpts: np.ndarray | None = None  # [T, 134, 3] ground-truth keypoints of the source clip (dwpose134), if known
+    other_audio: np.ndarray | None = None  # another voice to score the same lips against (the `<key>_other` metrics)
 
     def __post_init__(self) -> None:
         f = self.frames
@@ -88,10 +96,12 @@ class EvalVideo:
             raise ValueError(f"EvalVideo {self.key}: frames must be uint8 [T, H, W, 3], got {f.dtype} {f.shape}")
         if len(self.mask) != len(f):
             raise ValueError(f"EvalVideo {self.key}: mask has {len(self.mask)} frames, the video {len(f)}")
-        if len(self.audio) < 640 * len(f):
-            raise ValueError(
-                f"EvalVideo {self.key}: {len(self.audio)} audio samples for {len(f)} frames (need T * 640)"
-            )
+        for name in ("audio", "other_audio"):
+            a = getattr(self, name)
+            if a is not None and len(a) < 640 * len(f):
+                raise ValueError(
+                    f"EvalVideo {self.key}: {name} has {len(a)} samples for {len(f)} frames (need T * 640)"
+                )
 
 
 @dataclass
@@ -246,6 +256,7 @@ class MetricSuite:
         out: dict[str, float] = {}
         feats: dict[str, np.ndarray] = {}
         h = video.frames.shape[1]
+        voices = {"": video.audio} | ({} if video.other_audio is None else {"_other": video.other_audio})
         kpts = None
         if exact_keypoints and video.kpts is not None:
             kpts = np.asarray(video.kpts, dtype=np.float32)
@@ -259,8 +270,9 @@ class MetricSuite:
             lv = listening_variances(kpts, video.mask, DWPOSE_134, frame_height=h)
             out.update(lbkv=lv["LBKV"], lhkv=lv["LHKV"], lfkv=lv["LFKV"])
             opening = mouth_opening(kpts, DWPOSE_134)
-            out["mouth_voice_r"] = mouth_voice_correlation(opening, video.audio)
-            out["mouth_voice_r_speech"] = mouth_voice_correlation(opening, video.audio, video.mask)
+            for suffix, voice in voices.items():
+                out[f"mouth_voice_r{suffix}"] = mouth_voice_correlation(opening, voice)
+                out[f"mouth_voice_r_speech{suffix}"] = mouth_voice_correlation(opening, voice, video.mask)
         boxes = self._boxes(video, None if exact_keypoints else kpts)
         if self.scorer is not None and boxes is not None:
             crops = crop_faces(video.frames, boxes)
@@ -269,9 +281,13 @@ class MetricSuite:
             if self.config.sync_segments == "whole":
                 s = sync_scores(v, a, self.config.vshift)
                 out.update(sync_c=s.sync_c, sync_d=s.sync_d, sync_offset=float(s.offset))
+                if video.other_audio is not None:
+                    s = sync_scores(v, self.scorer.embed(crops, np.asarray(video.other_audio))[1], self.config.vshift)
+                    out.update(sync_c_other=s.sync_c, sync_d_other=s.sync_d)
             else:
-                r = self.scorer(video.frames, video.audio, lambda f: boxes, video.mask, self.box_source)
-                out.update(sync_c=r.sync_c, sync_d=r.sync_d)
+                for suffix, voice in voices.items():
+                    r = self.scorer(video.frames, voice, lambda f: boxes, video.mask, self.box_source)
+                    out.update({f"sync_c{suffix}": r.sync_c, f"sync_d{suffix}": r.sync_d})
         if video.reference is not None:
             d = identity_drift(video.frames, video.reference, fps=25.0, bucket_s=self.config.drift_bucket_s)
             out.update(
@@ -301,15 +317,17 @@ class MetricSuite:
         """Every metric of `videos`; Fréchet distances against `real` (e.g. the ground-truth set's `features`)."""
         per_video: list[dict[str, float]] = []
         stats: dict[str, FeatureStats] = {}
+        other_voice = False
         for video in videos:
+            other_voice |= video.other_audio is not None
             m, feats = self.video_metrics(video, exact_keypoints=exact_keypoints)
             per_video.append({"key": video.key, **m})  # type: ignore[dict-item]
             for name, f in feats.items():
                 if len(f):
                     stats.setdefault(name, FeatureStats(keep_features=True, meta=self.feature_meta(name))).update(f)
         values: dict[str, Value] = {}
-        for name in (*VIDEO_METRICS, *DRIFT_METRICS):
-            exact = exact_keypoints and name in KEYPOINT_METRICS  # the labels need no pose network
+        for name in (*VIDEO_METRICS, *DRIFT_METRICS, *(OTHER_VOICE_METRICS if other_voice else ())):
+            exact = exact_keypoints and name.removesuffix("_other") in KEYPOINT_METRICS  # labels need no pose network
             values[name] = (None if exact else self.na(name)) or _mean(per_video, name)
         for name in FD_METRICS:
             values[name] = self.na(name) or self.frechet(name, stats.get(name), (real or {}).get(name))

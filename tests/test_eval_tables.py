@@ -269,3 +269,21 @@ def test_models_are_driven_by_another_voice_for_the_swapped_column(tmp_path, mon
     recipe.write_text(recipe.read_text() + "swapped_voice: sometimes\n")
     with pytest.raises(ValueError, match="swapped_voice: expected true or false"):
         eval_cli.load_config(recipe)
+
+
+def test_other_voice_scores_equal_scoring_against_that_voice():
+    """`EvalVideo.other_audio` reuses the video's keypoints and lip embeddings: its `_other` values equal a separate
+    evaluation of the same frames with that voice as the audio."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    suite = MetricSuite(SuiteConfig(vshift=3), syncnet=SmallSyncNet(PRESETS["tiny"]).eval(),
+                        pose=PoseRegressor(POSE_PRESETS["tiny"]).eval())  # fmt: skip
+    videos = _clip_videos()
+    others = [videos[(i + 1) % len(videos)].audio for i in range(len(videos))]
+    both = suite.evaluate([dataclasses.replace(v, other_audio=o) for v, o in zip(videos, others, strict=True)])
+    direct = suite.evaluate([dataclasses.replace(v, audio=o) for v, o in zip(videos, others, strict=True)])
+    for key in ("sync_c", "sync_d", "mouth_voice_r", "mouth_voice_r_speech"):
+        assert both.values[f"{key}_other"] == pytest.approx(direct.values[key], rel=1e-9, abs=1e-12), key
+    assert both.values["sync_c"] != both.values["sync_c_other"]
+    assert "sync_c_other" not in suite.evaluate(videos).values  # only when another voice is given

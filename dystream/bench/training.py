@@ -117,7 +117,7 @@ def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
         figures["teacher achieved FLOP/s"] = achieved
         figures["teacher MFU (achieved / measured peak)"] = achieved / peak["median"]
 
-        cached = {**batch, "latents": stage.cond.encode_video(batch["references"][:, 0], batch["video"])}
+        cached = {**batch, "latents": stage.cond.batch_latents(batch)}  # encoded once, as `data encode` does
         latent = time_call(lambda: _plain_step(stage, opt, cached), repeats=steps, warmup=2, device=device)
         latent_s = summarize(latent, "s/step")
         figures["teacher step from cached latents (plain PyTorch)"] = latent_s
