@@ -32,6 +32,7 @@ TOOL_COMMANDS = {
     "data": "dystream.datamodules.cli",
     "generate": "dystream.streaming.cli",
     "stream": "dystream.streaming.stream_cli",
+    "serve": "dystream.serving.cli",
     "eval": "dystream.evaluation.cli",
     "zoo": "dystream.zoo.cli",
     "bench": "dystream.bench.cli",
