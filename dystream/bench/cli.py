@@ -30,6 +30,7 @@ PARTS = {
     "audio": "dystream.bench.audio",
     "training": "dystream.bench.training",
     "streaming": "dystream.bench.streaming",
+    "serve": "dystream.bench.serve",
 }
 
 

@@ -268,7 +268,29 @@ def create_app(
     app.router.add_get("/api/sessions/{sid}", _session_stats)
     app.router.add_delete("/api/sessions/{sid}", _hang_up)
     app.on_shutdown.append(_close_all)
+    if config.warmup:
+        app.on_startup.append(_warm_up)
     return app
+
+
+async def _warm_up(app: web.Application) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, warm_up, app[FACTORY], app[SIZE])
+
+
+def warm_up(factory: SessionFactory, size: tuple[int, int]) -> float:
+    """One chunk of silence through a throw-away session (first-use costs: allocator, kernels, the VAD model);
+    returns the seconds it took."""
+    start = time.perf_counter()
+    avatar = factory(np.full((*size, 3), 128, np.uint8))
+    try:
+        need = (avatar.frames_per_chunk + avatar.lookahead + 1) * 640 + avatar.audio_encoder.config.pad[1]
+        avatar.push(np.zeros(need, np.float32))
+        avatar.flush()
+    finally:
+        avatar.close()
+    elapsed = time.perf_counter() - start
+    log.info("warm-up: one chunk in %.2f s", elapsed)
+    return elapsed
 
 
 def _json_error(status: int, message: str) -> web.Response:

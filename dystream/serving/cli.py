@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default = getattr(defaults, name)
             suffix = f" (default {default})" if default is not None else ""
             group.add_argument(flag, dest=name, type=kind, default=default, help=text + suffix)
+    group.add_argument("--no-warmup", dest="warmup", action="store_false", help=ServeConfig.help("warmup"))
     group.add_argument("--log-level", default="INFO", help="logging level of the server (DEBUG, INFO, WARNING)")
     add_model_arguments(parser)
     add_config_arguments(parser)
@@ -65,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     values = {name: getattr(args, name) for name in FLAGS}
+    values["warmup"] = args.warmup
     values["token"] = values["token"] or os.environ.get(TOKEN_ENV) or None
     for name in REPEATED:
         values[name] = tuple(values[name] or ())

@@ -92,6 +92,14 @@ class ServeConfig:
         },
     )
 
+    warmup: bool = field(
+        default=True,
+        metadata={
+            "help": "run one chunk through a throw-away session before serving: the first call of a cold process "
+            "otherwise pays one-off costs in its first frame, and its playout grid keeps that latency all call"
+        },
+    )
+
     def __post_init__(self) -> None:
         if not self.host:
             raise ValueError("ServeConfig.host must not be empty")

@@ -288,6 +288,16 @@ class LiveSession:
         if self._on_close is not None:
             self._on_close(self)
 
+    def latencies(self) -> list[float]:
+        """Audio-in -> frame-out latency (s) of the last shown frames (at most 2000), oldest first."""
+        with self._out_lock:
+            return list(self._latency)
+
+    def av_offsets(self) -> list[float]:
+        """Release time of audio packet 2k minus that of video slot k (ms), for the last paired slots."""
+        with self._out_lock:
+            return list(self._av_offset)
+
     def stats(self) -> dict[str, Any]:
         """Per-call statistics (JSON-ready); see the module docstring for the terms."""
         a = self._avatar_stats
