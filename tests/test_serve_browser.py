@@ -79,7 +79,7 @@ def test_page_streams_the_avatar_in_headless_chromium(tmp_path, monkeypatch):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                  f"--use-file-for-fake-audio-capture={partner}", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--autoplay-policy=no-user-gesture-required", "--window-size=1200,620"):  # fmt: skip
+                 "--autoplay-policy=no-user-gesture-required", "--window-size=1280,860"):  # fmt: skip
         options.add_argument(flag)
     try:
         with LocalServer(app) as server:

@@ -475,7 +475,10 @@ async def _offer(request: web.Request) -> web.Response:
     session: LiveSession | None = None
     pc = None
     try:
-        avatar = await loop.run_in_executor(None, app[FACTORY], reference)
+        try:
+            avatar = await loop.run_in_executor(None, app[FACTORY], reference)
+        except ValueError as exc:  # prepare_reference: an image the model cannot use
+            raise BadInput(f"reference image: {exc}") from exc
         session = LiveSession(avatar, voice, config, _shown_reference(avatar, reference), on_close=registry.ended)
         pc = session.pc = RTCPeerConnection(rtc_configuration(config))
         incoming: list[Any] = []

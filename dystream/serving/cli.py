@@ -41,9 +41,17 @@ FLAGS: dict[str, Any] = {
     "ice_addresses": str,
 }
 REPEATED = ("allow_origins", "ice_servers", "ice_addresses")
-FLAG_NAMES = {"idle_timeout_s": "idle-timeout", "max_session_s": "max-session-time", "references_dir": "references",
-              "voices_dir": "voices", "allow_origins": "allow-origin", "ice_servers": "ice-server",
-              "ice_addresses": "ice-address"}  # fmt: skip
+FLAG_NAMES = {
+    "idle_timeout_s": "idle-timeout",
+    "max_session_s": "max-session-time",
+    "playout_delay_s": "playout-delay",
+    "max_backlog_s": "max-backlog",
+    "references_dir": "references",
+    "voices_dir": "voices",
+    "allow_origins": "allow-origin",
+    "ice_servers": "ice-server",
+    "ice_addresses": "ice-address",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
