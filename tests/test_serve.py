@@ -21,6 +21,7 @@ from dystream.serving.session import LiveSession, SessionClosed, VoiceSource
 
 TOKEN = "serve-test-token"
 HOOKED: list[LiveSession] = []  # calls as the server's on_session hook saw them
+TONE = (0.5 * np.sin(2 * np.pi * 300 * np.arange(48000) / 16000)).astype(np.float32)
 FLAGS = ("--token", TOKEN, "--max-sessions", "2", "--idle-timeout", "1.5", "--ice-address", "127.0.0.1",
          "--max-image-bytes", "100000", "--max-voice-bytes", "400000")  # fmt: skip
 
@@ -40,8 +41,11 @@ def exports(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(exports):
-    app = build_app(exports, *FLAGS, on_session=HOOKED.append)
+def server(exports, tmp_path_factory):
+    offered = tmp_path_factory.mktemp("offered")  # --references / --voices: files the page offers by name
+    (offered / "face.png").write_bytes(png_bytes(36, 36, seed=4))
+    (offered / "tone.wav").write_bytes(wav_bytes(TONE, 16000))
+    app = build_app(exports, *FLAGS, "--references", str(offered), "--voices", str(offered), on_session=HOOKED.append)
     with LocalServer(app) as s:
         yield s
     assert s.app[REGISTRY].active == 0
@@ -182,9 +186,9 @@ async def _real_offer_sdp() -> str:
 
 def test_voice_sources_hook_wav_track_and_no_microphone(server):
     """The own voice from the push_self hook (with no client audio at all: the wall clock drives the call), from
-    an uploaded wav, and from the client's second track; it comes back on the audio track, released with the
-    frame it belongs to (av_offset_ms)."""
-    tone = (0.5 * np.sin(2 * np.pi * 300 * np.arange(48000) / 16000)).astype(np.float32)
+    a wav the server offers (the upload is in the browser test), and from the client's second track; it comes
+    back on the audio track, released with the frame it belongs to (av_offset_ms)."""
+    tone = TONE
     hooked = HOOKED
 
     async def scenario():
@@ -193,7 +197,11 @@ def test_voice_sources_hook_wav_track_and_no_microphone(server):
             session = hooked[-1]
             assert session.id == hook_call.session and session.clock == "ticker"
             session.push_self((np.repeat(tone, 3) * 32767).astype(np.int16), sample_rate=48000)  # int16 at 48 kHz
-            await wav_call.start(speech_like(10.0), voice={"source": "wav", "data": b64(wav_bytes(tone, 24000))})
+            info = await wav_call.request("GET", "/api/info")
+            assert "face.png" in info["references"] and info["voices"] == ["tone.wav"]
+            await wav_call.start(
+                speech_like(10.0), reference={"name": "face.png"}, voice={"source": "wav", "name": "tone.wav"}
+            )
             for call in (hook_call, wav_call):
                 stats = await until_sent(call, 20)
                 assert stats["av_offset_ms"]["n"] > 5 and abs(stats["av_offset_ms"]["median"]) < 20
@@ -300,8 +308,14 @@ def test_exposed_address_needs_a_token_and_config_names_fields(capsys, monkeypat
     err = capsys.readouterr().err
     assert "--token" in err and "0.0.0.0" in err
     assert ServeConfig(host="0.0.0.0", token="long-enough-secret").host == "0.0.0.0"
-    for bad, field in [({"max_sessions": 0}, "max_sessions"), ({"token": "short"}, "token"),
-                       ({"allow_origins": ("evil.example",)}, "allow_origins"), ({"port": 70000}, "port"),
-                       ({"ice_servers": ("http://x",)}, "ice_servers")]:  # fmt: skip
+    bad_values = [
+        ({"max_sessions": 0}, "max_sessions"),
+        ({"token": "short"}, "token"),
+        ({"allow_origins": ("evil.example",)}, "allow_origins"),
+        ({"port": 70000}, "port"),
+        ({"ice_servers": ("http://x",)}, "ice_servers"),
+        ({"voices_dir": "/nonexistent"}, "voices_dir"),
+    ]
+    for bad, field in bad_values:
         with pytest.raises(ValueError, match=field):
             ServeConfig(**bad)

@@ -516,7 +516,12 @@ async def _offer(request: web.Request) -> web.Response:
         "session %s started (voice %s, clock %s); %d active", session.id, voice.kind, session.clock, registry.active
     )
     if app[ON_SESSION] is not None:
-        app[ON_SESSION](session)
+        try:
+            app[ON_SESSION](session)
+        except Exception:  # the application's hook failing must not leave a call without its agent
+            log.exception("session %s: on_session failed", session.id)
+            await session.close("error", "the server's on_session hook failed")
+            raise
     answer = pc.localDescription
     size = list(session.reference.shape[:2])
     return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": session.id, "size": size})

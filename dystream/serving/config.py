@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 __all__ = ["ServeConfig", "is_loopback"]
 
@@ -132,6 +133,10 @@ class ServeConfig:
         for url in self.ice_servers:
             if not url.startswith(("stun:", "turn:", "turns:")):
                 raise ValueError(f"ServeConfig.ice_servers: {url!r} must start with stun:, turn: or turns:")
+        for name in ("references_dir", "voices_dir"):
+            folder = getattr(self, name)
+            if folder is not None and not Path(folder).is_dir():
+                raise ValueError(f"ServeConfig.{name}: {folder} is not a folder")
         if self.ice_addresses is not None:
             self.ice_addresses = tuple(self.ice_addresses)
             for address in self.ice_addresses:
