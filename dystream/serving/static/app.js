@@ -46,6 +46,7 @@ async function loadInfo() {
   const hash = new URLSearchParams(location.hash.slice(1));
   if (hash.get("token")) $("token").value = hash.get("token");
   try {
+    state.info = null;
     state.info = await api("GET", "/api/info");
   } catch (err) {
     setStatus("cannot reach the server: " + err.message, true);
@@ -56,6 +57,7 @@ async function loadInfo() {
   for (const name of state.info.references) select.add(new Option(name, "name:" + name));
   select.add(new Option("upload an image…", "upload"));
   const voice = $("voice");
+  for (const option of [...voice.options]) if (option.value.startsWith("wav:")) option.remove();
   for (const name of state.info.voices) voice.add(new Option("server wav: " + name, "wav:" + name), 2);
   setStatus(`ready: ${state.info.active}/${state.info.max_sessions} calls in use`);
 }
@@ -110,6 +112,8 @@ async function start() {
   $("start").disabled = true;
   setStatus("starting…");
   try {
+    if (!state.info) await loadInfo(); // e.g. the token was typed after the page loaded
+    if (!state.info) throw new Error("the server did not answer /api/info (token?)");
     const body = await offerBody();
     const mic = await navigator.mediaDevices.getUserMedia({ audio: true });
     const pc = (state.pc = new RTCPeerConnection({ iceServers: (state.info && state.info.ice_servers) || [] }));
@@ -241,6 +245,7 @@ function bind() {
     const v = $("voice").value;
     $("voice-file-label").hidden = !(v === "upload" || v === "track");
   });
+  $("token").addEventListener("change", loadInfo);
   $("start").addEventListener("click", start);
   $("stop").addEventListener("click", stop);
   window.addEventListener("pagehide", () => {
