@@ -58,6 +58,9 @@ def _until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
 
 @pytest.mark.timeout(120)
 def test_page_streams_the_avatar_in_headless_chromium(tmp_path, monkeypatch):
+    # all media on loopback: the server offers only 127.0.0.1 (--ice-address) and Chromium, which skips loopback
+    # interfaces by default, gathers them too (without the flag the call never connects in a network namespace
+    # that has only loopback, as a CI container may be: checked with `unshare -n`)
     binary, driver_path = _browser()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -79,7 +82,8 @@ def test_page_streams_the_avatar_in_headless_chromium(tmp_path, monkeypatch):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                  f"--use-file-for-fake-audio-capture={partner}", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--autoplay-policy=no-user-gesture-required", "--window-size=1280,860"):  # fmt: skip
+                 "--autoplay-policy=no-user-gesture-required", "--window-size=1280,860",
+                 "--allow-loopback-in-peer-connection"):  # fmt: skip
         options.add_argument(flag)
     try:
         with LocalServer(app) as server:
