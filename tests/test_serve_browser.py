@@ -1,6 +1,7 @@
 """`dystream serve` in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven by selenium)
 with a fake microphone playing a wav opens the page, uploads a reference and a voice, starts a call, plays at least
-3 s of the avatar's video, shows frames and latency in the statistics, and hanging up frees the call.
+3 s of the avatar's video, shows frames and latency in the statistics, and hanging up frees the call; a second call
+sends the avatar's voice from a file the page plays into a second track.
 
 Without a browser the test is skipped with the reason; DYSTREAM_REQUIRE_BROWSER=1 (set by .ci/run) makes that a
 failure, so CI cannot pass without having run it."""
@@ -130,6 +131,22 @@ def test_page_streams_the_avatar_in_headless_chromium(tmp_path, monkeypatch):
                 _until(lambda: server.app[REGISTRY].active == 0, 10, "stopping to free the call")
                 _until(lambda: status.text == "call ended", 5, "the page to show the end")
                 assert np.isfinite(stats["latency_s"]["p95"])
+
+                # a second call: a built-in reference, the voice played by the page into a second track
+                Select(browser.find_element(By.ID, "reference")).select_by_value("name:synthetic-2")
+                Select(browser.find_element(By.ID, "voice")).select_by_value("track")
+                browser.find_element(By.ID, "voice-file").send_keys(str(voice))
+                browser.find_element(By.ID, "start").click()
+                _until(lambda: status.text.startswith("in a call"), 20, f"the second call (status: {status.text})")
+
+                def own_voice_arrives() -> dict | None:
+                    s = browser.execute_script("return window.dystream.stats")
+                    return s if s and s["voice"] == "track" and s["own_voice_in_s"] > 0.5 and s["frames_sent"] else None
+
+                stats = _until(own_voice_arrives, 20, "the second track's audio at the server")
+                assert stats["clock"] == "partner"
+                browser.find_element(By.ID, "stop").click()
+                _until(lambda: server.app[REGISTRY].active == 0, 10, "stopping to free the second call")
             finally:
                 browser.quit()
     finally:

@@ -184,6 +184,7 @@ class LiveSession:
         self.pc: Any = None  # the RTCPeerConnection, set by the app
         # own voice
         self._wav_pos = 0
+        self._own_in = 0 if voice.samples is None else voice.samples.shape[0]  # own-voice samples received
         self._hook = _SampleBuffer(int(config.max_hook_buffer_s * SAMPLE_RATE), "raise")
         self._own_track = _SampleBuffer(SAMPLE_RATE, "drop-oldest")  # a non-clock own track: at most 1 s ahead
         # units being assembled from clock samples
@@ -233,7 +234,9 @@ class LiveSession:
             raise SessionClosed(f"push_self: session {self.id} is closed ({self.reason})")
         if self.voice_source.kind != "hook":
             raise ValueError(f"push_self: session {self.id} takes its voice from {self.voice_source.kind!r}, not hook")
-        self._hook.put(to_mono16k(pcm, sample_rate, "push_self"))
+        samples = to_mono16k(pcm, sample_rate, "push_self")
+        self._hook.put(samples)
+        self._own_in += samples.shape[0]
 
     def attach(self, role: Literal["partner", "own"], track: Any) -> None:
         """A client audio track: ``partner`` (the microphone: the avatar listens to it) or ``own`` (its voice)."""
@@ -313,6 +316,7 @@ class LiveSession:
             "policy": POLICY,
             "size": list(self.reference.shape[:2]),
             "audio_in_s": self._next_m / FPS,
+            "own_voice_in_s": self._own_in / SAMPLE_RATE,
             "frames_generated": self.frames_generated,
             "frames_sent": self.frames_sent,
             "frames_late": self.frames_late,
@@ -362,9 +366,11 @@ class LiveSession:
 
     def _add(self, role: str, samples: np.ndarray) -> None:
         now = time.perf_counter()
-        if role == "own" and self.clock != "own":
-            self._own_track.put(samples)
-            return
+        if role == "own":
+            self._own_in += samples.shape[0]
+            if self.clock != "own":  # waits in its buffer for the microphone's clock
+                self._own_track.put(samples)
+                return
         self.last_audio = now
         own = self._pull_own(samples.shape[0]) if role != "own" else samples
         other = samples if role == "partner" else np.zeros_like(samples)
