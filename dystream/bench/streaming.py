@@ -81,7 +81,24 @@ def _networks(device: str):
     )
 
 
-def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
+def run(
+    quick: bool = True,
+    device: str = "cpu",
+    preset: str | None = None,
+    size: str | None = None,
+    dtype: str | None = None,
+    vae: str | None = None,
+    patch: int | None = None,
+    vae_device: str | None = None,
+    compile: bool | None = None,
+) -> dict[str, Any]:
+    """Without model options: the long-stream figures above. With any of them: 20 chunks (5 in quick mode) of that
+    DiT / VAE pair at that size and dtype, the VAE on ``vae_device`` if given (:func:`dystream.bench.scaled.stream`)."""
+    if any(v is not None for v in (preset, size, dtype, vae, patch, vae_device, compile)):
+        from dystream.bench import scaled
+
+        setup = scaled.Setup.from_options(device, preset, size, dtype, vae, patch, vae_device, compile)
+        return scaled.stream(setup, chunks=5 if quick else 20)
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)

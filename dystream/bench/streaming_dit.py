@@ -44,7 +44,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
+def run(
+    quick: bool = True,
+    device: str = "cpu",
+    preset: str | None = None,
+    size: str | None = None,
+    dtype: str | None = None,
+    vae: str | None = None,
+    patch: int | None = None,
+    compile: bool | None = None,
+) -> dict[str, Any]:
+    """Without model options: the stream-length figures above. With any of them: the chunk step of that preset at
+    that size and dtype (:func:`dystream.bench.scaled.dit_chunk`: step time, memory, FLOP/s, MFU, RTF)."""
+    if any(v is not None for v in (preset, size, dtype, vae, patch, compile)):
+        from dystream.bench import scaled
+
+        setup = scaled.Setup.from_options(device, preset, size, dtype, vae, patch, compile=compile)
+        return scaled.dit_chunk(setup, repeats=5 if quick else 20)
     dev = torch.device(device)
     threads = torch.get_num_threads()
     if quick and dev.type == "cpu":

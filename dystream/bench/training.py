@@ -87,7 +87,23 @@ class _TimedSteps:
         self.callback = Cb(self)
 
 
-def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
+def run(
+    quick: bool = True,
+    device: str = "cpu",
+    preset: str | None = None,
+    size: str | None = None,
+    dtype: str | None = None,
+    vae: str | None = None,
+    patch: int | None = None,
+    compile: bool | None = None,
+) -> dict[str, Any]:
+    """Without model options: the figures above. With any of them: a teacher step of that DiT preset on latents of
+    that size, in that dtype (:func:`dystream.bench.scaled.training_step`)."""
+    if any(v is not None for v in (preset, size, dtype, vae, patch, compile)):
+        from dystream.bench import scaled
+
+        setup = scaled.Setup.from_options(device, preset, size, dtype, vae, patch, compile=compile)
+        return scaled.training_step(setup, repeats=3 if quick else 10)
     import lightning as L
     from torch.utils.flop_counter import FlopCounterMode
 

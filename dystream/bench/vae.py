@@ -56,7 +56,21 @@ def _bench_preset(preset: str, size: int, latent_frames: int, repeats: int, devi
     return figures
 
 
-def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
+def run(
+    quick: bool = True,
+    device: str = "cpu",
+    preset: str | None = None,
+    size: str | None = None,
+    dtype: str | None = None,
+    compile: bool | None = None,
+) -> dict[str, Any]:
+    """Without model options: the figures above. With any of them (``preset`` is the VAE preset here): the streaming
+    decode of that preset at that size and dtype (:func:`dystream.bench.scaled.vae_decode`)."""
+    if any(v is not None for v in (preset, size, dtype, compile)):
+        from dystream.bench import scaled
+
+        setup = scaled.Setup.from_options(device, None, size, dtype, preset or "tiny", 1, compile=compile)
+        return scaled.vae_decode(setup, repeats=3 if quick else 10)
     repeats = 3 if quick else 10
     latent_frames = 5 if quick else 13  # 17 or 49 video frames
     figures = _bench_preset("tiny", 64, latent_frames, repeats, device)

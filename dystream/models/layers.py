@@ -7,6 +7,7 @@ float64 sinusoid ``[cos | sin]``; we follow both so that the official weights be
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -30,7 +31,10 @@ class LayerNorm32(nn.LayerNorm):
         super().__init__(dim, eps=eps, elementwise_affine=affine)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        # the affine parameters join in float32 too, so a model cast to bf16 as a whole still normalises in float32
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
