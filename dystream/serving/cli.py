@@ -67,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             suffix = f" (default {default})" if default is not None else ""
             group.add_argument(flag, dest=name, type=kind, default=default, help=text + suffix)
     group.add_argument("--no-warmup", dest="warmup", action="store_false", help=ServeConfig.help("warmup"))
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads of each call's worker and decoder thread (default: torch's, all cores; with "
+        "several calls on a CPU, cores / calls avoids oversubscription)",
+    )
     group.add_argument("--log-level", default="INFO", help="logging level of the server (DEBUG, INFO, WARNING)")
     add_model_arguments(parser)
     add_config_arguments(parser)
@@ -109,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     serve = serve_config_from_args(args)  # refuses an exposed address without a token before loading anything
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     networks = load_networks(args)
     config = config_from_args(args, networks[0], networks[1])
     from aiohttp import web

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import av
 import numpy as np
+import torch
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
@@ -200,6 +201,7 @@ class LiveSession:
         self.input_skipped = 0
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name=f"dystream-session-{self.id[:6]}", daemon=True)
+        self._threads = torch.get_num_threads()  # OpenMP settings are per thread: the worker takes the server's
         self._pushed: collections.deque[tuple[int, float]] = collections.deque()
         self._busy_s = 0.0
         self._units_pushed = 0
@@ -416,6 +418,7 @@ class LiveSession:
     def _work(self) -> None:
         """The worker thread: backlog -> StreamingAvatar.push -> generated frames."""
         last_snapshot = 0.0
+        torch.set_num_threads(self._threads)
         try:
             while not self._stop.is_set():
                 with self._cond:
