@@ -34,6 +34,7 @@ TOOL_COMMANDS = {
     "stream": "dystream.streaming.stream_cli",
     "serve": "dystream.serving.cli",
     "eval": "dystream.evaluation.cli",
+    "vae-report": "dystream.evaluation.vae_report",
     "zoo": "dystream.zoo.cli",
     "bench": "dystream.bench.cli",
     "consolidate": "dystream.consolidate",

@@ -229,6 +229,7 @@ def _score(
 def _reconstruction_row(cfg: EvalConfig, suite: MetricSuite, clips: EvalClips, real: dict, res: str, log) -> Row:
     """The VAE's reconstructions of the real clips, scored like a model."""
     from dystream.evaluation.generation import reconstruct
+    from dystream.evaluation.reconstruction import reconstruction_quality
 
     name = "VAE reconstruction"
     if not Path(cfg.reconstruction_vae).is_file():
@@ -237,7 +238,21 @@ def _reconstruction_row(cfg: EvalConfig, suite: MetricSuite, clips: EvalClips, r
         return Row(name, "vae_reconstruction", {k: reason for k in row_keys()}, resolution=res)
     log(f"eval: reconstructing {len(clips.keys)} clips with {cfg.reconstruction_vae}")
     frames = np.stack(reconstruct(cfg.reconstruction_vae, clips.references, clips.frames, cfg.batch_size, cfg.device))
-    return Row(name, "vae_reconstruction", _score(suite, clips, frames, real).values, resolution=res)
+    values = _score(suite, clips, frames, real).values
+    values.update(reconstruction_quality(frames, clips.frames))
+    values["hand_kpt_error"] = suite.na("hkv") or _hand_keypoint_error(suite, clips.frames, frames)
+    return Row(name, "vae_reconstruction", values, resolution=res)
+
+
+def _hand_keypoint_error(suite: MetricSuite, real: np.ndarray, recon: np.ndarray) -> float:
+    """Mean pixel distance of the pose network's hand keypoints on reconstructions vs on the real frames (both
+    confident), over all clips: whether gesturing hands survive the VAE."""
+    from dystream.datamodules.keypoints import HANDS
+    from dystream.evaluation.reconstruction import keypoint_error
+
+    errors = [keypoint_error(suite.pose(fake), suite.pose(clip), HANDS) for fake, clip in zip(recon, real, strict=True)]
+    errors = [e for e in errors if np.isfinite(e)]
+    return float(np.mean(errors)) if errors else float("nan")
 
 
 def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:

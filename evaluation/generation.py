@@ -170,10 +170,16 @@ class _Generator:
 
 @torch.no_grad()
 def reconstruct(
-    vae_path: str, references: np.ndarray, frames: np.ndarray, batch_size: int = 4, device: str | torch.device = "cpu"
+    vae_path: str,
+    references: np.ndarray,
+    frames: np.ndarray,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    guidance: bool | np.ndarray = True,
 ) -> list[np.ndarray]:
     """The VAE's reconstructions of the real clips, as the DiT stages encode them: ``cat([reference, frames])`` with
-    the reference image as the only guidance image, decoded, the reference frame dropped. references uint8
+    the reference image as the only guidance image, decoded, the reference frame dropped. ``guidance``: False for
+    none, or uint8 ``[N, K, H, W, 3]`` guidance images per clip instead of the reference image. references uint8
     [N, H, W, 3], frames uint8 [N, T, H, W, 3] -> N uint8 videos [T, H, W, 3]. No generator can sync or look better
     than its VAE does here, so this row bounds the others."""
     from dystream.stages.common import load_frozen
@@ -190,9 +196,13 @@ def reconstruct(
     for i in range(0, len(references), batch_size):
         ref = _from_uint8(references[i : i + batch_size]).to(device)
         video = _from_uint8(frames[i : i + batch_size]).to(device)
-        guidance = ref[:, None]
-        z = vae.encode(torch.cat([ref[:, :, None], video], dim=2), references=guidance)
-        out += [_to_uint8(v) for v in vae.decode(z, references=guidance)[:, :, 1:]]
+        if isinstance(guidance, np.ndarray):
+            refs = _from_uint8(guidance[i : i + batch_size]).transpose(1, 2).to(device)  # [B, K, 3, H, W]
+            refs = refs if refs.shape[1] else None
+        else:
+            refs = ref[:, None] if guidance else None
+        z = vae.encode(torch.cat([ref[:, :, None], video], dim=2), references=refs)
+        out += [_to_uint8(v) for v in vae.decode(z, references=refs)[:, :, 1:]]
     return out
 
 

@@ -8,6 +8,9 @@
 - Table 4 (mouth and voice): Sync-C, Sync-D and the mouth-voice correlation (`mouth_voice.py`) against the own voice,
   against another clip's voice ("other voice": the floor), and for models driven by another clip's voice ("swapped
   voice": the mouth follows the audio, not only the speaking mask).
+- Table 5 (VAE reconstruction): PSNR, SSIM, high-frequency energy ratio, colour error, hand keypoint error, Sync-C and
+  the mouth-voice correlation in speech of the VAE reconstruction row only (`reconstruction.py`): what every
+  generator on that VAE inherits.
 
 A cell is a number, "n/a" with its reason (markdown: a lettered footnote; CSV: "n/a (reason)"; JSON:
 {"value": null, "na": reason}), or "—" (markdown; empty in CSV, null in JSON) when the metric does not apply to the row.
@@ -27,7 +30,7 @@ from typing import Any
 
 from dystream.evaluation.suite import NA
 
-__all__ = ["TABLE1", "TABLE2", "TABLE3", "TABLE4", "Row", "format_value", "table_columns", "write_tables"]
+__all__ = ["TABLE1", "TABLE2", "TABLE3", "TABLE4", "TABLE5", "Row", "format_value", "table_columns", "write_tables"]
 
 # (header, key, decimals)
 TABLE1: list[tuple[str, str, int]] = [
@@ -58,6 +61,16 @@ TABLE4: list[tuple[str, str, int]] = [
     ("r in speech", "mouth_voice_r_speech", 3),
     ("r in speech, other voice", "mouth_voice_r_speech_other", 3),
     ("r in speech, swapped voice", "mouth_voice_r_speech_swapped", 3),
+]
+TABLE5: list[tuple[str, str, int]] = [
+    ("PSNR (dB)", "psnr", 2),
+    ("SSIM", "ssim", 4),
+    ("HF energy ratio", "hf_ratio", 3),
+    ("colour error, worst (1/255)", "colour_error_max", 2),
+    ("colour error, mean (1/255)", "colour_error_mean", 2),
+    ("hand keypoints (px)", "hand_kpt_error", 2),
+    ("Sync-C", "sync_c", 2),
+    ("r in speech", "mouth_voice_r_speech", 3),
 ]
 OPTIONAL = ("ase", "iqa")  # shown only if a row provides them (paper: Q-Align)
 
@@ -153,7 +166,9 @@ def _json_value(v: float | NA | None) -> Any:
 
 
 def write_tables(rows: Sequence[Row], out_dir: str | Path, notes: Sequence[str] = (), meta: dict | None = None) -> dict:
-    """Write the four tables under `out_dir`; returns {"md": path, "csv": [paths], "json": path}."""
+    """Write the tables under `out_dir` (Table 5 only with a VAE reconstruction row).
+
+    Returns {"md": path, "csv": [paths], "json": path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t1, t2, t3 = table_columns(rows, TABLE1), TABLE2, TABLE3
@@ -165,6 +180,10 @@ def write_tables(rows: Sequence[Row], out_dir: str | Path, notes: Sequence[str] 
     md += _md_table(rows, t3, foot, extra=False)
     md += ["", "## Table 4: does the mouth follow the voice (own voice, another clip's voice, swapped voice)", ""]
     md += _md_table(rows, TABLE4, foot, extra=False)
+    vae_rows = [r for r in rows if r.kind == "vae_reconstruction"]
+    if vae_rows:
+        md += ["", "## Table 5: VAE reconstruction (fidelity, grain, colour, hands, mouth)", ""]
+        md += _md_table(vae_rows, TABLE5, foot, extra=False)
     if notes:
         md += ["", "## Protocol", ""] + [f"- {n}" for n in notes]
     if foot.letters:
@@ -174,12 +193,16 @@ def write_tables(rows: Sequence[Row], out_dir: str | Path, notes: Sequence[str] 
     csvs = [out / f"{name}.csv" for name in ("table1_talking", "table2_listening", "table3_drift", "table4_voice")]
     for path, cols in zip(csvs, (t1, t2, t3, TABLE4), strict=True):
         _write_csv(path, rows, cols, extra=cols is t1)
+    if vae_rows:
+        csvs.append(out / "table5_vae.csv")
+        _write_csv(csvs[-1], vae_rows, TABLE5, extra=False)
     doc = {
         "columns": {
             "table1": [k for _, k, _ in t1] + ["steps", "resolution", "time_per_5s"],
             "table2": [k for _, k, _ in t2],
             "table3": [k for _, k, _ in t3],
             "table4": [k for _, k, _ in TABLE4],
+            "table5": [k for _, k, _ in TABLE5],
         },
         "rows": [
             {

@@ -102,6 +102,10 @@ class VAEConfig:
     attn_levels: tuple[int, ...] = (1, 2)  # levels whose encoder and decoder attend to references
     head_dim: int = 24
     temporal_kernel: int = 3
+    # DC-AE / paper 002 residual auto-encoding: the non-parametric space/time-to-channel shortcuts beside every
+    # down/up block, the stem and the latent projection. False keeps only the learned branches (the ablation of
+    # docs/vae.md); the channel-ratio rules below still apply so that both variants share one layout.
+    residual_shortcuts: bool = True
     norm_eps: float = 1e-6
     logvar_min: float = -30.0
     logvar_max: float = 20.0
@@ -296,6 +300,11 @@ def _channel_mean(x: Tensor, c_out: int) -> Tensor:
     return x if g == 1 else x.unflatten(1, (c_out, g)).mean(dim=2)
 
 
+def _shortcut(fn, x: Tensor, c_out: int, cfg: VAEConfig) -> Tensor | float:
+    """A stem/head shortcut (``fn`` is :func:`_channel_mean` or :func:`_channel_repeat`), or 0 when they are off."""
+    return fn(x, c_out) if cfg.residual_shortcuts else 0.0
+
+
 def _channel_repeat(x: Tensor, c_out: int) -> Tensor:
     """DC-AE channel duplication: every channel repeated ``c_out / C`` times, consecutively."""
     r = c_out // x.shape[1]
@@ -344,28 +353,28 @@ class ResBlock3d(nn.Module):
 class DownBlock3d(nn.Module):
     """Residual down block: ``conv(to_channels(x)) + mean_g(to_channels(x))`` (DC-AE + Wan2.2 AvgDown3D)."""
 
-    def __init__(self, c_in: int, c_out: int, r_t: int, r_s: int) -> None:
+    def __init__(self, c_in: int, c_out: int, r_t: int, r_s: int, shortcut: bool = True) -> None:
         super().__init__()
-        self.r_t, self.r_s, self.c_out = r_t, r_s, c_out
+        self.r_t, self.r_s, self.c_out, self.shortcut = r_t, r_s, c_out, shortcut
         # The learned branch sees the whole r_t x r_s x r_s neighbourhood at the low resolution.
         self.conv = nn.Conv3d(c_in * r_t * r_s * r_s, c_out, (1, 3, 3), padding=(0, 1, 1))
 
     def forward(self, x: Tensor, first: bool) -> Tensor:
         x = _to_channels(x, self.r_t, self.r_s, first)
-        return self.conv(x) + _channel_mean(x, self.c_out)
+        return self.conv(x) + _channel_mean(x, self.c_out) if self.shortcut else self.conv(x)
 
 
 class UpBlock3d(nn.Module):
     """Residual up block: ``to_space(conv(x)) + to_space(repeat(x))`` (DC-AE + Wan2.2 DupUp3D)."""
 
-    def __init__(self, c_in: int, c_out: int, r_t: int, r_s: int) -> None:
+    def __init__(self, c_in: int, c_out: int, r_t: int, r_s: int, shortcut: bool = True) -> None:
         super().__init__()
-        self.r_t, self.r_s = r_t, r_s
+        self.r_t, self.r_s, self.shortcut = r_t, r_s, shortcut
         self.c_wide = c_out * r_t * r_s * r_s
         self.conv = nn.Conv3d(c_in, self.c_wide, (1, 3, 3), padding=(0, 1, 1))
 
     def forward(self, x: Tensor, first: bool) -> Tensor:
-        y = self.conv(x) + _channel_repeat(x, self.c_wide)
+        y = self.conv(x) + _channel_repeat(x, self.c_wide) if self.shortcut else self.conv(x)
         return _to_space(y, self.r_t, self.r_s, first)
 
 
@@ -449,7 +458,10 @@ class ReferenceCrossAttention(nn.Module):
             k_pos = x.new_zeros(1, POS_DIM)
         k, v = (rearrange(a, "b n (nh d) -> b nh n d", nh=self.heads) for a in (k, v))
         k = torch.cat([k, (scale * k_pos).expand(b, -1, -1, -1)], dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # key dim d + P, value dim d
+        # Values are zero-padded to the key width d + P and the padding sliced off again: the same numbers, but equal
+        # head widths let SDPA use its fused kernel instead of materialising the attention matrix (~1.5x on a CPU).
+        d = v.shape[-1]
+        out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, POS_DIM)), attn_mask=attn_mask)[..., :d]
         out = self.to_out(rearrange(out, "b nh n d -> b n (nh d)"))
         return x + rearrange(out, "b (t h w) c -> b c t h w", t=t, h=h, w=w)
 
@@ -521,13 +533,13 @@ class Encoder(nn.Module):
                 self.attn[str(lvl)] = ReferenceCrossAttention(width, cfg)
             if lvl < cfg.num_levels - 1:
                 r_t = 2 if cfg.temporal_down[lvl] else 1
-                self.downs.append(DownBlock3d(width, cfg.widths[lvl + 1], r_t, 2))
+                self.downs.append(DownBlock3d(width, cfg.widths[lvl + 1], r_t, 2, cfg.residual_shortcuts))
         self.norm_out = ChannelRMSNorm(cfg.widths[-1], cfg.norm_eps)
         self.conv_out = CausalConv3d(cfg.widths[-1], 2 * cfg.latent_channels, k)
 
     def forward(self, video: Tensor, refs: ReferenceFeatures | None, cache: VAECache) -> tuple[Tensor, Tensor]:
         x = rearrange(video, "b c t (h p) (w q) -> b (c p q) t h w", p=self.cfg.patch_size, q=self.cfg.patch_size)
-        x = self.conv_in(x, cache) + _channel_repeat(x, self.cfg.widths[0])
+        x = self.conv_in(x, cache) + _shortcut(_channel_repeat, x, self.cfg.widths[0], self.cfg)
         for lvl in range(self.cfg.num_levels):
             for block in self.blocks[lvl]:
                 x = block(x, cache)
@@ -537,7 +549,9 @@ class Encoder(nn.Module):
                 x = self.downs[lvl](x, cache.first)
         z = self.cfg.latent_channels
         h = self.conv_out(F.silu(self.norm_out(x)), cache)
-        mean = h[:, :z] + _channel_mean(x, z)  # DC-AE "averaging" shortcut on the latent projection
+        mean = h[:, :z] + _shortcut(
+            _channel_mean, x, z, self.cfg
+        )  # DC-AE "averaging" shortcut on the latent projection
         logvar = h[:, z:].clamp(self.cfg.logvar_min, self.cfg.logvar_max)
         return mean, logvar
 
@@ -558,12 +572,12 @@ class Decoder(nn.Module):
                 self.attn[str(lvl)] = ReferenceCrossAttention(width, cfg)
             if lvl < cfg.num_levels - 1:
                 r_t = 2 if cfg.temporal_down[lvl] else 1
-                self.ups.append(UpBlock3d(cfg.widths[lvl + 1], width, r_t, 2))
+                self.ups.append(UpBlock3d(cfg.widths[lvl + 1], width, r_t, 2, cfg.residual_shortcuts))
         self.norm_out = ChannelRMSNorm(cfg.widths[0], cfg.norm_eps)
         self.conv_out = CausalConv3d(cfg.widths[0], cfg.in_channels * p * p, k)
 
     def forward(self, z: Tensor, refs: ReferenceFeatures | None, cache: VAECache) -> Tensor:
-        x = self.conv_in(z, cache) + _channel_repeat(z, self.cfg.widths[-1])
+        x = self.conv_in(z, cache) + _shortcut(_channel_repeat, z, self.cfg.widths[-1], self.cfg)
         for lvl in reversed(range(self.cfg.num_levels)):
             for block in self.blocks[lvl]:
                 x = block(x, cache)
@@ -572,7 +586,7 @@ class Decoder(nn.Module):
             if lvl > 0:
                 x = self.ups[lvl - 1](x, cache.first)
         stem = self.cfg.in_channels * self.cfg.patch_size**2
-        x = self.conv_out(F.silu(self.norm_out(x)), cache) + _channel_mean(x, stem)
+        x = self.conv_out(F.silu(self.norm_out(x)), cache) + _shortcut(_channel_mean, x, stem, self.cfg)
         return rearrange(x, "b (c p q) t h w -> b c t (h p) (w q)", p=self.cfg.patch_size, q=self.cfg.patch_size)
 
 

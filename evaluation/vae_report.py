@@ -1,0 +1,115 @@
+"""`dystream vae-report`: score a VAE export on the evaluation clips and draw real vs reconstructed frames.
+
+    dystream vae-report --vae runs/vae/vae.safetensors [--clips 16] [--sheet vae_sheet.png] [--json out.json]
+
+The clips are those of `make eval` (`recipes/eval.yaml`: the first 16 validation clips, their last 96 frames, frame 0
+as the reference image and the only guidance image), reconstructed as the DiT stages encode them
+(:func:`dystream.evaluation.generation.reconstruct`). Prints PSNR, SSIM, the high-frequency energy ratio and the
+colour error (:mod:`dystream.evaluation.reconstruction`) and the encode+decode time; the metric-network columns
+(Sync-C, mouth-voice r, hand keypoints) come with `make eval`. This is the command behind every row of the ladder in
+docs/vae.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+HELP = "score a VAE export's reconstructions of the evaluation clips (PSNR, SSIM, grain, colour) and draw them"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vae", required=True, help="VAE export (vae.safetensors)")
+    parser.add_argument("--shards", default="data/synthetic/val", help="evaluation shards (default: the embedded set)")
+    parser.add_argument("--clips", type=int, default=16, help="clips evaluated (the first N in shard order)")
+    parser.add_argument("--frames", type=int, default=96, help="evaluated frames per clip (the last N)")
+    parser.add_argument(
+        "--references",
+        type=int,
+        default=1,
+        help="guidance images K: 0 = none, 1 = the reference image (frame 0, as the DiT stages), K > 1 = frame 0 and "
+        "K - 1 more frames spread evenly before the evaluated window (lower --frames to leave room)",
+    )
+    parser.add_argument("--sheet", default=None, help="write a PNG contact sheet: real / reconstruction / |error| x4")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--device", default="cpu")
+
+
+def contact_sheet(real: np.ndarray, recon: np.ndarray, path: str | Path, clips: int = 4, columns: int = 8) -> Path:
+    """PNG: for each of the first `clips` clips, a row of real frames, the reconstructions below, then |error| x 4."""
+    from PIL import Image
+
+    n, t, h, w, _ = real.shape
+    picks = np.linspace(0, t - 1, columns).round().astype(int)
+    rows = []
+    for i in range(min(clips, n)):
+        error = np.clip(np.abs(real[i].astype(np.int16) - recon[i].astype(np.int16)) * 4, 0, 255).astype(np.uint8)
+        for video in (real[i], recon[i], error):
+            rows.append(np.concatenate([video[j] for j in picks], axis=1))
+        rows.append(np.full((2, columns * w, 3), 255, np.uint8))
+    sheet = np.concatenate(rows, axis=0)
+    image = Image.fromarray(sheet).resize((sheet.shape[1] * 3, sheet.shape[0] * 3), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def guidance_frames(args: argparse.Namespace) -> bool | np.ndarray:
+    """False, True (the reference image) or uint8 [N, K, H, W, 3]: frame 0 and K - 1 frames spread evenly over the
+    frames between it and the evaluated window (never frames the VAE reconstructs)."""
+    from dystream.datamodules.format import read_shards, resolve_shards, sample_to_clip
+
+    if args.references < 0:
+        raise ValueError(f"vae-report: --references must be >= 0, got {args.references}")
+    if args.references <= 1:
+        return args.references == 1
+    out = []
+    for sample in read_shards(resolve_shards(args.shards).urls):
+        clip = sample_to_clip(sample)
+        before = clip.n_frames - args.frames  # frames 0 .. before - 1 lie outside the evaluated window
+        if before < args.references:
+            raise ValueError(
+                f"vae-report: {clip.key} has {before} frame(s) before the evaluated window, fewer than "
+                f"--references {args.references}; lower --frames"
+            )
+        out.append(clip.video[np.linspace(0, before - 1, args.references).round().astype(int)])
+        if len(out) == args.clips:
+            break
+    return np.stack(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dystream.evaluation.cli import ClipsConfig, load_clips
+    from dystream.evaluation.generation import reconstruct
+    from dystream.evaluation.reconstruction import reconstruction_quality
+
+    if not Path(args.vae).is_file():
+        print(f"vae-report: {args.vae} not found (train one with `make train RECIPE=vae`)")
+        return 2
+    clips = load_clips(ClipsConfig(shards=args.shards, count=args.clips, frames=args.frames))
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    recon = np.stack(
+        reconstruct(args.vae, clips.references, clips.frames, device=args.device, guidance=guidance_frames(args))
+    )
+    seconds = time.perf_counter() - start
+    figures = reconstruction_quality(recon, clips.frames)
+    figures.update(clips=len(clips.keys), frames=int(clips.frames.shape[1]), references=args.references)
+    figures["seconds_per_frame"] = seconds / (clips.frames.shape[0] * clips.frames.shape[1])
+    print(
+        f"{args.vae}: PSNR {figures['psnr']:.2f} dB  SSIM {figures['ssim']:.4f}  HF ratio {figures['hf_ratio']:.3f}  "
+        f"colour error max {figures['colour_error_max']:.2f} / mean {figures['colour_error_mean']:.2f} (1/255)  "
+        f"[{figures['clips']} clips x {figures['frames']} frames, K={args.references}]"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    if args.sheet:
+        print(f"contact sheet: {contact_sheet(clips.frames, recon, args.sheet)}")
+    return 0

@@ -1,0 +1,103 @@
+"""VAE reconstruction quality: PSNR equals the direct formula, grain and blur move the HF ratio, tints show as colour
+error, keypoint error over confident points; the `vae-report` command end to end on a tiny VAE export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from dystream.evaluation.reconstruction import keypoint_error, laplacian_energy, reconstruction_quality
+
+
+def _clips(n: int = 2, t: int = 4, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Cartoon-like uint8 clips: flat discs on a vertical gradient (the synthetic world's kind of frame)."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:size, 0:size]
+    out = np.zeros((n, t, size, size, 3), np.uint8)
+    for i in range(n):
+        colour = rng.integers(40, 220, size=3)
+        for j in range(t):
+            frame = np.stack([60 + 2 * ys, 80 + ys, 160 + ys], axis=-1).astype(np.float64)
+            cy, cx = size / 2 + j, size / 2 - j
+            frame[(ys - cy) ** 2 + (xs - cx) ** 2 < (size / 4) ** 2] = colour
+            out[i, j] = frame.clip(0, 255)
+    return out
+
+
+def test_identical_clips_are_perfect():
+    real = _clips()
+    q = reconstruction_quality(real.copy(), real)
+    assert q["psnr"] > 100 and q["ssim"] == pytest.approx(1.0, abs=1e-5)
+    assert q["hf_ratio"] == pytest.approx(1.0) and q["colour_error_max"] == 0.0
+
+
+def test_psnr_is_the_per_clip_formula_averaged():
+    real = _clips(n=3)
+    rng = np.random.default_rng(1)
+    recon = (real.astype(np.int16) + rng.integers(-6, 7, size=real.shape)).clip(0, 255).astype(np.uint8)
+    direct = [
+        10 * np.log10(255.0**2 / np.mean((recon[i].astype(np.float64) - real[i]) ** 2)) for i in range(len(real))
+    ]
+    assert reconstruction_quality(recon, real)["psnr"] == pytest.approx(np.mean(direct), abs=1e-3)
+
+
+def test_a_tint_is_a_colour_error_in_units_of_one_255th():
+    real = _clips()
+    recon = real.copy()
+    recon[1, ..., 0] = (real[1, ..., 0].astype(np.int16) + 3).clip(0, 255)  # clip 1 redder by 3/255
+    q = reconstruction_quality(recon, real)
+    assert 2.5 < q["colour_error_max"] <= 3.0  # a few pixels saturate at 255
+    assert q["colour_error_mean"] == pytest.approx(q["colour_error_max"] / 6, rel=0.05)  # 1 of 2 x 3 channels
+
+
+def test_grain_raises_and_blur_lowers_the_high_frequency_ratio():
+    real = _clips(size=48)
+    checker = ((np.indices(real.shape[2:4]).sum(0) % 2) * 2 - 1)[None, None, :, :, None] * 10
+    grainy = (real.astype(np.int16) + checker).clip(0, 255).astype(np.uint8)
+    blurred = gaussian_filter(real.astype(np.float64), sigma=(0, 0, 1.2, 1.2, 0)).round().astype(np.uint8)
+    assert reconstruction_quality(grainy, real)["hf_ratio"] > 1.25
+    assert reconstruction_quality(blurred, real)["hf_ratio"] < 0.8
+    assert laplacian_energy(np.full((2, 8, 8, 3), 77, np.uint8)) == 0.0
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="differ"):
+        reconstruction_quality(_clips(n=2), _clips(n=3))
+
+
+def test_keypoint_error_over_confident_points_only():
+    real = np.zeros((5, 10, 3), np.float32)
+    real[..., 2] = 1.0
+    recon = real.copy()
+    recon[..., 0] += 3.0
+    recon[..., 1] += 4.0  # every point 5 px away
+    recon[:, 0, :2] += 100.0
+    recon[:, 0, 2] = 0.1  # ... except one the network is unsure of on the reconstruction: left out
+    assert keypoint_error(recon, real, slice(0, 10)) == pytest.approx(5.0)
+    real[..., 2] = 0.0
+    assert np.isnan(keypoint_error(recon, real, slice(0, 10)))
+
+
+def test_vae_report_end_to_end(tmp_path):
+    from dystream.evaluation import vae_report
+    from dystream.models.vae import ReferenceGuidedVAE, VAEConfig
+    from dystream.zoo.files import save_model
+
+    torch.manual_seed(0)
+    path = save_model(ReferenceGuidedVAE(VAEConfig.from_preset("tiny")), tmp_path / "vae.safetensors", arch="vae")
+    parser = __import__("argparse").ArgumentParser()
+    vae_report.add_arguments(parser)
+    out = tmp_path / "q.json"
+    args = parser.parse_args(
+        ["--vae", str(path), "--clips", "2", "--frames", "8", "--json", str(out), "--sheet", str(tmp_path / "s.png")]
+    )
+    assert vae_report.run(args) == 0
+    figures = json.loads(out.read_text())
+    assert figures["clips"] == 2 and figures["frames"] == 8 and np.isfinite(figures["psnr"])
+    assert (tmp_path / "s.png").stat().st_size > 0
+    args.vae = str(tmp_path / "missing.safetensors")
+    assert vae_report.run(args) == 2
