@@ -55,19 +55,33 @@ def available_tool_commands() -> dict[str, str]:
 
 
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
-    """Build (and by default run) the Lightning CLI for any stage and any DataModule."""
+    """Build (and by default run) the Lightning CLI for any stage and any DataModule.
+
+    ``args`` (default: ``sys.argv[1:]``) is the whole command line, so it is handed to Lightning as ``sys.argv``
+    for the duration of the call: Lightning reads ``sys.argv`` when given no ``args`` and warns when given both.
+    """
     from lightning.pytorch.cli import LightningCLI
 
-    return LightningCLI(
-        model_class=None,
-        datamodule_class=None,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    from dystream.logs import filter_known_warnings
+    from dystream.recipe_errors import RecipeArgumentParser
+
+    filter_known_warnings()
+    saved = sys.argv
+    if args is not None:
+        sys.argv = [saved[0] if saved else "dystream", *args]
+    try:
+        return LightningCLI(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_class=RecipeArgumentParser,
+            save_config_kwargs={"overwrite": True},
+            run=run,
+        )
+    finally:
+        sys.argv = saved
 
 
 def build_parser(tools: dict[str, str]) -> argparse.ArgumentParser:

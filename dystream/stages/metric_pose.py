@@ -15,11 +15,12 @@ from typing import Any
 import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from dystream.evaluation.networks.pose_small import PRESETS, PoseRegressor
 from dystream.evaluation.train_pose import augment, batch_frames, simcc_loss
+from dystream.logs import announce_export
 from dystream.stages.metric_syncnet import one_cycle
 from dystream.zoo.files import save_model
 
@@ -103,4 +104,4 @@ class PoseTrainer(L.LightningModule):
         step = int(self.global_step) if self._trainer is not None else 0
         extra = {"stage": "metric_pose", "step": step, "trained_on": "synthetic", "layout": "dwpose134"}
         path = save_model(self.net, self.export_dir / "pose.safetensors", arch="metric_pose", extra=extra)
-        rank_zero_info(f"exported {path}")
+        announce_export(self, path)

@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFloat, PositiveInt
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from dystream.evaluation.networks.syncnet_small import PRESETS, SmallSyncNet
@@ -31,6 +31,7 @@ from dystream.evaluation.train_syncnet import (
     mfcc_sequence,
     video_to_uint8,
 )
+from dystream.logs import announce_export
 from dystream.zoo.files import save_model
 
 __all__ = ["SyncNetTrainer", "one_cycle"]
@@ -146,4 +147,4 @@ class SyncNetTrainer(L.LightningModule):
         step = int(self.global_step) if self._trainer is not None else 0
         extra = {"stage": "metric_syncnet", "step": step, "margin": self.hparams.margin, "trained_on": "synthetic"}
         path = save_model(self.net, self.export_dir / "syncnet.safetensors", arch="metric_syncnet", extra=extra)
-        rank_zero_info(f"exported {path}")
+        announce_export(self, path)

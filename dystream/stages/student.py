@@ -30,11 +30,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from dystream.diffusion.rollout import CacheWrite, RenoiseMode, student_rollout
 from dystream.diffusion.schedule import sample_training_sigma, student_sigmas
+from dystream.logs import announce_export
 from dystream.models.dit import AvatarDiT
 from dystream.scale import exports_during_training, loads_state_before_hooks
 from dystream.stages.common import teacher_shift
@@ -267,7 +268,7 @@ class StudentStage(L.LightningModule):
     def export(self) -> None:
         path = Path(self.export_dir) / "student.safetensors"
         save_model(self.ema.shadow, path, arch="dit", extra=self.export_extra())
-        rank_zero_info(f"exported {path} (EMA student)")
+        announce_export(self, path, "(EMA student)")
 
 
 # ---------------------------------------------------------------------------------------------

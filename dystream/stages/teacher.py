@@ -19,11 +19,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from dystream.diffusion.sampling import AudioGuidance, sample_euler
 from dystream.diffusion.schedule import sample_training_sigma, sampling_sigmas
+from dystream.logs import announce_export
 from dystream.objectives.flow_matching import FlowMatchingConfig, draw_dropout_masks, flow_matching_loss
 from dystream.scale import exports_during_training, shards_parameters
 from dystream.stages.common import EMA
@@ -207,7 +208,7 @@ class TeacherStage(L.LightningModule):
         extra = {"stage": "teacher", "step": int(self.global_step), "shift": float(self.flow.shift)}
         save_model(self.ema.shadow, self.export_dir / "teacher.safetensors", arch="dit", extra=extra)
         save_model(self.cond.audio, self.export_dir / "audio.safetensors", arch="audio", extra=extra)
-        rank_zero_info(f"exported {self.export_dir / 'teacher.safetensors'} (EMA) and audio.safetensors")
+        announce_export(self, self.export_dir / "teacher.safetensors", "(EMA) and audio.safetensors")
 
 
 def _first(batch: dict[str, Any]) -> dict[str, Any]:

@@ -32,11 +32,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from dystream.datamodules.keypoints import FACE
+from dystream.logs import announce_export
 from dystream.models.vae import (
     DiscriminatorConfig,
     PatchDiscriminator3D,
@@ -135,7 +136,7 @@ class VAEStage(L.LightningModule):
         # LPIPS is a frozen loss network loaded from a file: kept out of the module tree so it is
         # neither trained nor written into checkpoints (it is rebuilt from the path on load).
         self._lpips = [build_lpips(lpips_net, lpips_backbone)]
-        if self._lpips[0] is None:
+        if self._lpips[0] is None and lpips_weight > 0:  # asked for LPIPS (lpips_weight) but gave no network
             rank_zero_warn(
                 "VAEStage: no lpips_backbone given, training and validating WITHOUT the LPIPS perceptual term "
                 "(pass a torchvision vgg16/alexnet state dict path to enable it)"
@@ -332,7 +333,7 @@ class VAEStage(L.LightningModule):
             rank_zero_warn("VAEStage: latent statistics not computed yet (no validation ran); exporting identity ones")
         extra = {"stage": "vae", "step": int(self.global_step), "latent_stats_from_data": calibrated}
         path = save_model(self.vae, self.export_dir / "vae.safetensors", arch="vae", extra=extra)
-        rank_zero_info(f"exported {path}")
+        announce_export(self, path)
         return path
 
 
