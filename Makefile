@@ -60,16 +60,29 @@ help: ## list the targets
 .PHONY: venv
 venv: $(STAMP) ## create/refresh the project virtual environment (.venv)
 
-.PHONY: train
-train: $(STAMP) | $$(call done,$$(NEEDS_$$(RECIPE))) ## train RECIPE (default: the furthest stage) on the embedded synthetic data, e.g. make train RECIPE=vae ARGS="--trainer.max_steps=50"
+# Chain overview (dystream chain): `make train` prints its plan first (stages done, to build, and their time in
+# the last run, from $(RUNS)/summary.json); every stage runs through `dystream chain run`, which says which stage of
+# how many starts, times it and adds a one-line summary (time, key metric, output) to $(RUNS)/summary.md.
+stages_for = $(if $(1),$(call stages_for,$(NEEDS_$(1))) $(1))
+CHAIN_RUN = $(DYSTREAM) chain run --runs $(RUNS) --stage $(1) --done "$(call done,$(1))" --order "$(CHAIN)" \
+	--of "$(strip $(call stages_for,$(RECIPE)))" --
+
+.PHONY: plan
+plan: | $(STAMP) ## print what make train RECIPE=... would build, what is done, and the last measured times
 	@test -n "$(RECIPE)" || { echo "no recipe found under recipes/"; exit 2; }
-	$(DYSTREAM) $(or $(RUN_$(RECIPE)),fit) --config recipes/$(RECIPE).yaml $(ARGS)
+	@$(DYSTREAM) chain plan --runs $(RUNS) $(foreach s,$(call stages_for,$(RECIPE)),--stage $(s)=$(call done,$(s))) \
+		--train $(RECIPE) --target "make train RECIPE=$(RECIPE)"
+
+.PHONY: train
+train: $(STAMP) | plan $$(call done,$$(NEEDS_$$(RECIPE))) ## train RECIPE (default: the furthest stage) on the embedded synthetic data, e.g. make train RECIPE=vae ARGS="--trainer.max_steps=50"
+	@test -n "$(RECIPE)" || { echo "no recipe found under recipes/"; exit 2; }
+	@$(call CHAIN_RUN,$(RECIPE)) $(DYSTREAM) $(or $(RUN_$(RECIPE)),fit) --config recipes/$(RECIPE).yaml $(ARGS)
 
 # A missing stage output is built from its recipe, after the outputs it needs (one explicit rule
 # per stage: make never uses the same pattern rule twice in one chain).
 define stage_rule
 $(call done,$(1)): | $(STAMP) $(call done,$(NEEDS_$(1)))
-	$(DYSTREAM) $(or $(RUN_$(1)),fit) --config recipes/$(1).yaml
+	@$$(call CHAIN_RUN,$(1)) $(DYSTREAM) $(or $(RUN_$(1)),fit) --config recipes/$(1).yaml
 endef
 $(foreach s,$(CHAIN),$(eval $(call stage_rule,$(s))))
 

@@ -38,6 +38,7 @@ TOOL_COMMANDS = {
     "zoo": "dystream.zoo.cli",
     "bench": "dystream.bench.cli",
     "consolidate": "dystream.consolidate",
+    "chain": "dystream.chain",
 }
 
 
