@@ -86,6 +86,16 @@ $(call done,$(1)): | $(STAMP) $(call done,$(NEEDS_$(1)))
 endef
 $(foreach s,$(CHAIN),$(eval $(call stage_rule,$(s))))
 
+# Demo (dystream demo, docs/streaming.md): after the chain (the student export of stage1_sid, built first when
+# missing), both DyStream scenarios of a validation identity rendered with dystream generate; the contact sheet goes
+# to $(DEMO_SHEET) (shown at the top of the README), the GIF, sample file and mp4s to outputs/demo/.
+DEMO_SHEET ?= docs/images/demo_sheet.png
+.PHONY: demo
+demo: $(STAMP) | $$(call done,stage1_sid) ## after the chain: a validation identity with its own and another clip's voices -> contact sheet + GIF
+	$(DYSTREAM) demo --out outputs/demo --sheet $(DEMO_SHEET) --gif outputs/demo/demo.gif \
+		--checkpoint $(or $(wildcard $(RUNS)/stage2_gan/student.safetensors),$(RUNS)/stage1_sid/student.safetensors) \
+		--vae $(RUNS)/vae/vae.safetensors --audio $(RUNS)/teacher/audio.safetensors $(ARGS)
+
 .PHONY: test
 test: $(STAMP) ## run the test suite (CPU, tiny presets)
 	$(VENV)/bin/pytest -q
@@ -98,6 +108,15 @@ lint: $(STAMP) ## ruff check + format check
 .PHONY: bench
 bench: $(STAMP) ## benchmarks -> docs/benchmarks.md + JSON (QUICK=1 for the under-2-minute mode)
 	$(DYSTREAM) bench all $(if $(QUICK),--quick) $(ARGS)
+
+# Every GPU-only path once (bf16 training of teacher/SiD/GAN, FlexAttention, the 5B student at 928x704, streaming,
+# FSDP, CUDA graphs) -> docs/gpu.md with the device's name. DEVICE=cpu runs the same code at the tiny presets and
+# writes to outputs/ instead, so a smoke run never replaces a GPU report; GPU_CHECK_OUT=path overrides either.
+DEVICE ?= cuda
+GPU_CHECK_OUT ?= $(if $(filter cpu,$(DEVICE)),outputs/gpu-check-cpu.md,docs/gpu.md)
+.PHONY: gpu-check
+gpu-check: $(STAMP) ## run every GPU-only path once -> docs/gpu.md (DEVICE=cpu: tiny presets, a smoke run)
+	$(PY) -m dystream.bench.gpu_check --device $(DEVICE) --out $(GPU_CHECK_OUT)
 
 .PHONY: clean
 clean: ## remove run outputs (keeps .venv and data/)

@@ -39,6 +39,7 @@ TOOL_COMMANDS = {
     "bench": "dystream.bench.cli",
     "consolidate": "dystream.consolidate",
     "chain": "dystream.chain",
+    "demo": "dystream.streaming.demo",
 }
 
 
