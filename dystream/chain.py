@@ -42,7 +42,10 @@ KEY_METRICS = {
     "metric_syncnet": "val/pair_acc",
     "metric_pose": "val/px_error",
 }
-FALLBACK_METRICS = ("val/loss", "val/psnr", "train/loss")
+FALLBACK_METRICS = ("val/loss", "val/psnr", "train/loss", "train/loss_generator")
+# the file a stage hands on, when it writes several (the teacher also writes audio.safetensors)
+MAIN_EXPORTS = {"vae": "vae.safetensors", "teacher": "teacher.safetensors", "metric_syncnet": "syncnet.safetensors",
+                "metric_pose": "pose.safetensors"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,12 @@ def key_metric(stage: str, run_dir: str | Path) -> Metric | None:
     return scalars[val[0]] if val else None
 
 
-def stage_output(run_dir: str | Path, done: str | Path | None = None) -> str:
-    """What a stage hands on: its newest ``*.safetensors`` export, else the file that marks it done."""
+def stage_output(run_dir: str | Path, done: str | Path | None = None, stage: str | None = None) -> str:
+    """What a stage hands on: its main export (MAIN_EXPORTS, else ``student.safetensors``), else its newest
+    ``*.safetensors``, else the file that marks it done."""
+    main = Path(run_dir) / MAIN_EXPORTS.get(stage or Path(run_dir).name, "student.safetensors")
+    if main.is_file():
+        return str(main)
     exports = sorted(Path(run_dir).glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
     if exports:
         return str(exports[-1])
@@ -157,7 +164,7 @@ def write_summary_md(runs: str | Path, summary: dict[str, Any], order: list[str]
         "",
         "Written by `dystream chain record` after each stage `make train` builds (times measured on this machine).",
         "",
-        "| stage | time | key metric (last validation) | output | finished |",
+        "| stage | time | key metric (last logged value) | output | finished |",
         "|---|---|---|---|---|",
     ]
     for name in names:
@@ -185,17 +192,19 @@ def record(
     entry = {
         "seconds": round(float(seconds), 1),
         "metric": text,
-        "output": stage_output(run_dir, done),
+        "output": stage_output(run_dir, done, stage),
         "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime()),
     }
     if metric is not None:
         entry["metric_tag"], entry["metric_value"], entry["metric_step"] = metric.tag, metric.value, metric.step
     summary["stages"][stage] = entry
+    if order:
+        summary["order"] = list(order)
     runs.mkdir(parents=True, exist_ok=True)
     tmp = runs / (SUMMARY_JSON + ".tmp")
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     os.replace(tmp, runs / SUMMARY_JSON)
-    write_summary_md(runs, summary, order)
+    write_summary_md(runs, summary, summary.get("order"))
     return summary_line(stage, entry)
 
 

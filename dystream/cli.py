@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
@@ -65,7 +66,7 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from dystream.logs import filter_known_warnings
-    from dystream.recipe_errors import RecipeArgumentParser
+    from dystream.recipe_errors import RecipeArgumentParser, explain_instantiation
 
     filter_known_warnings()
     saved = sys.argv
@@ -82,6 +83,12 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
             save_config_kwargs={"overwrite": True},
             run=run,
         )
+    except ValueError as exc:  # a recipe class refused its arguments: say why in two lines, exit 2
+        short = None if os.environ.get("JSONARGPARSE_DEBUG") else explain_instantiation(exc, sys.argv[1:])
+        if short is None:
+            raise
+        sys.stderr.write(short)
+        raise SystemExit(2) from None
     finally:
         sys.argv = saved
 

@@ -11,7 +11,9 @@ prints that first::
     dystream fit --help lists every option; JSONARGPARSE_DEBUG=1 shows the parser's full report
 
 The exit code stays 2 and ``--help`` is unchanged. Messages that are not about one value (an unknown option...) are
-printed as they are, still without the usage.
+printed as they are, still without the usage. A class that refuses its arguments in ``__init__`` (its own checks,
+DESIGN.md Style 5) is reported the same way by :func:`explain_instantiation`, without the traceback of jsonargparse's
+instantiation.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import NoReturn
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser
 
-__all__ = ["RecipeArgumentParser", "Refusal", "explain", "parse_refusal"]
+__all__ = ["RecipeArgumentParser", "Refusal", "explain", "explain_instantiation", "parse_refusal"]
 
 _KEY = re.compile(r'^\s*(?:- )?Parser key "([^"]+)":\s*$')
 _CLASS = re.compile(r"Problem with given class_path '([^']+)'")
@@ -119,6 +121,37 @@ def explain(message: str, argv: Sequence[str], prog: str) -> str:
     shown = "" if refusal.value is None else f" = {refusal.value}"
     context = f" ({'; '.join(where)})" if where else ""
     return f"error: {refusal.field}{shown} is refused: {refusal.rule}{context}\n{tip}\n"
+
+
+def explain_instantiation(exc: BaseException, argv: Sequence[str]) -> str | None:
+    """The short report of a class that refused its recipe arguments in ``__init__`` (a ``ValueError`` the class
+    raises, e.g. ``teacher_steps`` not divisible by ``student_steps``), which jsonargparse wraps into its union
+    report while instantiating; None for any other exception (those keep their traceback)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    message = str(exc)
+    from_jsonargparse = tb is not None and "jsonargparse" in tb.tb_frame.f_code.co_filename
+    if not (isinstance(exc, ValueError) and from_jsonargparse and message.startswith("Does not validate against")):
+        return None
+    reasons, current = [], None
+    for line in message.splitlines():
+        if line.startswith("  - "):
+            current = [line[4:]]
+            reasons.append(current)
+        elif line.startswith("    ") and current is not None:
+            current.append(line.strip())
+        else:
+            current = None
+    reasons = [" ".join(r) for r in reasons if not r[0].startswith("Expected a <class 'NoneType'>")]
+    if not reasons:
+        return None
+    class_path = re.search(r"class_path='([^']+)'", message)
+    who = class_path.group(1) if class_path else "a recipe class"
+    recipes = _recipes(argv)
+    where = f" (recipe {', '.join(recipes)})" if recipes else ""
+    prog = f"dystream {argv[0]}" if argv and not argv[0].startswith("-") else "dystream"
+    return f"error: {who} refused its arguments: {reasons[0]}{where}\n{prog} --help lists every option\n"
 
 
 class RecipeArgumentParser(LightningArgumentParser):

@@ -61,7 +61,8 @@ def test_record_reads_the_last_validation_metric_and_the_export(tmp_path):
     assert line == f"vae: done in 12m34s, val/psnr 24.5 (step 20) -> {runs / 'vae' / 'vae.safetensors'}"
     # a stage without its key metric falls back to val/loss; summary.md keeps the chain order
     _fake_run(runs, "teacher", {"val/loss": [0.3, 0.25]}, "teacher.safetensors")
-    record(runs, "teacher", 30, order=["vae", "teacher"])
+    (runs / "teacher" / "audio.safetensors").write_bytes(b"x")  # written after the teacher's own export
+    assert record(runs, "teacher", 30, order=["vae", "teacher"]).endswith(str(runs / "teacher" / "teacher.safetensors"))
     summary = json.loads((runs / "summary.json").read_text())
     assert summary["stages"]["vae"]["seconds"] == 754.0 and summary["stages"]["teacher"]["metric_tag"] == "val/loss"
     table = (runs / "summary.md").read_text().splitlines()

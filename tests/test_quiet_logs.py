@@ -1,6 +1,7 @@
-"""Quiet, useful logs: a tiny `dystream fit` of real recipes, in a subprocess as a user runs it, prints no warning
-line (ours are fixed at their cause, known-harmless third-party ones filtered in dystream.logs) and names each
-export once; a refused recipe value is reported in two lines, field first, without the usage text."""
+"""Quiet, useful logs: a tiny `dystream fit` (and the ODE pairs `predict`) of real recipes, in a subprocess as a user
+runs it, prints no warning line (ours are fixed at their cause, known-harmless third-party ones filtered in
+dystream.logs) and names each export once; a refused recipe value is reported in two lines, field first, without
+the usage text."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from dystream.datamodules.synthetic import synthesize
+from dystream.models.audio import AudioEncoder
+from dystream.models.dit import AvatarDiT, DiTConfig
 from dystream.models.vae import ReferenceGuidedVAE, VAEConfig
 from dystream.recipe_errors import parse_refusal
 from dystream.zoo.files import save_model
@@ -73,6 +76,29 @@ def test_tiny_fit_prints_no_warning_and_names_the_export_once(recipe, tiny_world
     assert "Tip:" not in log
 
 
+def test_tiny_ode_pairs_predict_prints_no_warning(tiny_world, tmp_path):
+    torch.manual_seed(0)
+    teacher = save_model(AvatarDiT(DiTConfig.from_preset("tiny")), tmp_path / "teacher.safetensors", arch="dit")
+    vae = save_model(ReferenceGuidedVAE(VAEConfig.from_preset("tiny")), tmp_path / "vae.safetensors", arch="vae")
+    audio = save_model(AudioEncoder("tiny"), tmp_path / "audio.safetensors", arch="audio")
+    argv = [
+        sys.executable, "-m", "dystream.cli", "predict", "--config", str(ROOT / "recipes" / "ode_pairs.yaml"),
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", f"--model.init_args.teacher={teacher}",
+        f"--model.init_args.vae={vae}", f"--model.init_args.audio={audio}", "--model.init_args.teacher_steps=3",
+        f"--model.init_args.out_dir={tmp_path / 'pairs'}", f"--data.init_args.train_shards={tiny_world / 'train'}",
+        f"--data.init_args.val_shards={tiny_world / 'val'}", "--data.init_args.size=32",
+        "--data.init_args.num_workers=0", "--data.init_args.batch_size=1", "--data.init_args.window_frames=24",
+        "--data.init_args.num_clips=1", "--data.init_args.num_val_clips=1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert (tmp_path / "pairs" / "index.json").exists()
+    assert _warning_lines(log) == [], "\n".join(_warning_lines(log))
+
+
 def test_bad_recipe_value_is_refused_in_two_lines_naming_field_value_rule_and_recipe():
     proc = subprocess.run(
         [sys.executable, "-m", "dystream.cli", "fit", "--config", "recipes/vae.yaml", "--model.lr=-1"],
@@ -91,6 +117,25 @@ def test_bad_recipe_value_is_refused_in_two_lines_naming_field_value_rule_and_re
     )
     assert "dystream fit --help" in lines[1]
     assert "usage:" not in proc.stderr and "Warning" not in proc.stderr
+
+
+def test_a_class_refusing_its_arguments_is_reported_in_two_lines_without_a_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dystream.cli", "fit", "--config", "recipes/vae.yaml", "--model.min_references=3",
+         "--model.max_references=1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2] == (
+        "error: dystream.stages.vae.VAEStage refused its arguments: VAEStage: min_references (3) > max_references (1) "
+        "(recipe recipes/vae.yaml)"
+    )
+    assert "Traceback" not in proc.stderr and len(lines) <= 3
 
 
 def test_refusal_parsing_of_jsonargparse_reports():

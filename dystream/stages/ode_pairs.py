@@ -190,8 +190,11 @@ class ODEPairsStage(L.LightningModule):
             clear_pairs(self.out_dir)  # a new run replaces the old pairs; the index goes first
         self._barrier()
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        """Record the batch's pairs into the shards; returns their names (a step that returns None makes Lightning
+        warn once per run; the recipe sets ``return_predictions: false``, so nothing accumulates)."""
         split = batch.get("split", "train")
+        names = []
         out = self.record(batch)
         if split not in self._writers:
             self._writers[split] = PairShardWriter(self.out_dir, split, self._rank(), self.hparams.shard_samples)
@@ -211,6 +214,8 @@ class ODEPairsStage(L.LightningModule):
             start = starts[i]
             name = key if start is None else f"{key}_w{int(start):05d}"
             self._writers[split].write(name, tensors, {"clip": key, "start": start})
+            names.append(name)
+        return names
 
     def on_predict_end(self) -> None:
         for writer in self._writers.values():
