@@ -320,8 +320,9 @@ def run_stage(
     proc = subprocess.Popen(command)
     try:
         code = proc.wait()
-    except KeyboardInterrupt:  # the stage got the same Ctrl-C (one process group): let it stop cleanly
-        code = proc.wait()
+    except KeyboardInterrupt:  # the stage got the same Ctrl-C (one process group): let it stop, then stop make
+        proc.wait()
+        code = 130
     seconds = time.monotonic() - start
     if code != 0:
         print(f"==> {stage}: failed (exit {code}) after {format_duration(seconds)}", file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ from dystream.datamodules.synthetic import synthesize
 from dystream.models.audio import AudioEncoder
 from dystream.models.dit import AvatarDiT, DiTConfig
 from dystream.models.vae import ReferenceGuidedVAE, VAEConfig
-from dystream.streaming.demo import column_frames, contact_sheet, sheet_size
+from dystream.streaming.demo import column_frames, contact_sheet, gif_size, sheet_size
 from dystream.zoo.files import save_model
 
 
@@ -55,7 +55,10 @@ def test_demo_renders_both_scenarios_a_sheet_and_a_gif(tmp_path):
     image = Image.open(sheet)
     assert image.size == sheet_size((32, 32), columns=5, rows=4, scale=2)
     gif = Image.open(out / "demo.gif")
-    assert gif.n_frames == 30 and gif.size == (3 * (64 + 4) + 4, 64 + 14 + 8)
+    assert gif.n_frames == 30 and gif.size == gif_size((32, 32), rows=3, scale=2) == (
+        3 * (64 + 4) + 4,
+        14 + 64 + 14 + 4,
+    )
 
     from dystream.streaming.demo import _read_video
 

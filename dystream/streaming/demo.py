@@ -40,6 +40,7 @@ HEADER_H = 18
 BAR_H = 14
 PAD = 4
 LEGEND_H = 34
+GIF_LABEL_H = 14
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,8 @@ def contact_sheet(
 
 
 def animation(rows: list[tuple[str, np.ndarray, np.ndarray]], scale: int = 2, max_frames: int = 100) -> list[Any]:
-    """GIF frames: the rows side by side, each with its phase bar, at most ``max_frames`` frames."""
+    """GIF frames: the rows side by side under their labels (first line), each with its phase bar, at most
+    ``max_frames`` frames (4 s at 25 fps)."""
     from PIL import Image, ImageDraw
 
     n_frames = min(min(frames.shape[0] for _, frames, _ in rows), max_frames)
@@ -175,15 +177,22 @@ def animation(rows: list[tuple[str, np.ndarray, np.ndarray]], scale: int = 2, ma
     cell_w, cell_h = width * scale, height * scale
     out = []
     for t in range(n_frames):
-        canvas = Image.new("RGB", (len(rows) * (cell_w + PAD) + PAD, cell_h + BAR_H + 2 * PAD), BACKGROUND)
+        canvas = Image.new("RGB", gif_size((height, width), len(rows), scale), BACKGROUND)
         draw = ImageDraw.Draw(canvas)
-        for r, (_, frames, mask) in enumerate(rows):
+        for r, (label, frames, mask) in enumerate(rows):
             x = PAD + r * (cell_w + PAD)
-            canvas.paste(Image.fromarray(frames[t]).resize((cell_w, cell_h), Image.NEAREST), (x, PAD))
+            draw.text((x, 2), label.split("\n")[0], fill=INK)
+            canvas.paste(Image.fromarray(frames[t]).resize((cell_w, cell_h), Image.NEAREST), (x, GIF_LABEL_H))
             colour = SPEAKING if mask[t] else LISTENING
-            draw.rectangle((x, PAD + cell_h, x + cell_w - 1, PAD + cell_h + BAR_H - 1), fill=colour)
+            y = GIF_LABEL_H + cell_h
+            draw.rectangle((x, y, x + cell_w - 1, y + BAR_H - 1), fill=colour)
         out.append(canvas)
     return out
+
+
+def gif_size(frame_hw: tuple[int, int], rows: int, scale: int) -> tuple[int, int]:
+    """(width, height) of the animation of ``rows`` side by side."""
+    return rows * (frame_hw[1] * scale + PAD) + PAD, GIF_LABEL_H + frame_hw[0] * scale + BAR_H + PAD
 
 
 def save_gif(frames: list[Any], path: str | Path, fps: float = 25.0) -> Path:
@@ -285,6 +294,7 @@ def _run(args: argparse.Namespace) -> int:
     sheet_path = Path(args.sheet) if args.sheet else out / "demo_sheet.png"
     sheet_path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(sheet_path)
-    gif_path = save_gif(animation(rows[:3], args.scale), Path(args.gif) if args.gif else out / "demo.gif")
+    gif_rows = [("real", *rows[0][1:]), ("own voices", *rows[1][1:]), ("other voices", *rows[2][1:])]
+    gif_path = save_gif(animation(gif_rows, args.scale), Path(args.gif) if args.gif else out / "demo.gif")
     print(f"wrote {sheet_path} ({sheet.size[0]}x{sheet.size[1]}) and {gif_path}")
     return 0
