@@ -22,8 +22,8 @@ CONTEXT_FRAMES = 24  # 0.96 s of past audio
 
 def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
     presets = ["tiny", "wav2vec2-base-960h"]
-    repeats = 3 if quick else 10
-    utterance_s = 4.0 if quick else 10.0
+    repeats = 2 if quick else 10  # quick: the 2-minute budget of `make bench QUICK=1`
+    utterance_s = 2.0 if quick else 10.0
     window = CONTEXT_FRAMES + CHUNK_FRAMES + LOOKAHEAD_FRAMES
     figures: dict[str, Any] = {}
     for preset in presets:

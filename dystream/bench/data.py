@@ -89,7 +89,7 @@ def _bare_decord_rate(root: Path, n_windows: int, repeats: int) -> list[float]:
 
 def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
     del device  # data loading runs on the CPU
-    clips = 90 if quick else 900
+    clips = 30 if quick else 900  # quick: the 2-minute budget of `make bench QUICK=1`
     batches, repeats = (10, 3) if quick else (40, 5)
     with tempfile.TemporaryDirectory(prefix="dystream-bench-data-") as tmp:
         root = Path(tmp)

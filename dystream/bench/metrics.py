@@ -19,13 +19,14 @@ from dystream.bench.timing import ratio, summarize, time_call
 from dystream.evaluation.frechet import frechet_distance, frechet_distance_from_stats
 
 DIM = 2048
+QUICK_DIM = 512  # quick mode: sqrtm and eigh cost D^3, so 512-d is 64x cheaper and still shows the ratio
 
 
-def _features(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
+def _features(n: int, seed: int, shift: float = 0.0, dim: int = DIM) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    scales = 1.0 / np.sqrt(1.0 + np.arange(DIM) / 64.0)  # decaying spectrum
-    low_rank = rng.normal(size=(n, 32)) @ rng.normal(size=(32, DIM)) * 0.1
-    return rng.normal(size=(n, DIM)) * scales + low_rank + shift
+    scales = 1.0 / np.sqrt(1.0 + np.arange(dim) / 64.0)  # decaying spectrum
+    low_rank = rng.normal(size=(n, 32)) @ rng.normal(size=(32, dim)) * 0.1
+    return rng.normal(size=(n, dim)) * scales + low_rank + shift
 
 
 def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,38 +40,39 @@ def _scipy_fd(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) 
 
 
 def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
-    # quick: one sqrtm (about 10 s for a 2048 x 2048 product on an idle desktop CPU, far more on a loaded one), three
-    # two-eigh runs, and the N = 64 two-eigh value without timing it
+    # quick: 512-d features (a 2048-d sqrtm takes 10 s on an idle desktop CPU and minutes on a loaded one), one
+    # sqrtm, three two-eigh runs, and the N = 64 two-eigh value without timing it; full: the FID size, 2048-d
     repeats = 3 if quick else 5
     scipy_repeats = 1 if quick else 3
+    dim = QUICK_DIM if quick else DIM
     out: dict[str, Any] = {}
 
-    n_full = 2500 if quick else 5000
-    x1, x2 = _features(n_full, 0), _features(n_full, 1, shift=0.05)
+    n_full = 1000 if quick else 5000
+    x1, x2 = _features(n_full, 0, dim=dim), _features(n_full, 1, shift=0.05, dim=dim)
     (mu1, s1), (mu2, s2) = _stats(x1), _stats(x2)
     ours = frechet_distance_from_stats(mu1, s1, mu2, s2, device=device)  # also warms up the device
     ref = _scipy_fd(mu1, s1, mu2, s2)
     t_ours = summarize(time_call(lambda: frechet_distance_from_stats(mu1, s1, mu2, s2, device=device),
                                  repeats=repeats, warmup=0, device=device), "s")  # fmt: skip
     t_scipy = summarize(time_call(lambda: _scipy_fd(mu1, s1, mu2, s2), repeats=scipy_repeats, warmup=0), "s")
-    out[f"FD two-eigh, N={n_full}, D={DIM} ({device})"] = t_ours
-    out[f"FD scipy sqrtm, N={n_full}, D={DIM} (cpu)"] = t_scipy
+    out[f"FD two-eigh, N={n_full}, D={dim} ({device})"] = t_ours
+    out[f"FD scipy sqrtm, N={n_full}, D={dim} (cpu)"] = t_scipy
     out["speed-up two-eigh vs sqrtm (median)"] = ratio(t_scipy, t_ours)
     out["FD value (two-eigh)"] = ours
     out["relative difference two-eigh vs sqrtm"] = abs(ours - ref) / abs(ref)
 
     # N < D: covariances of rank N - 1, where the Gram form is exact and cheap
-    y1, y2 = _features(64, 2), _features(64, 3, shift=0.05)
+    y1, y2 = _features(64, 2, dim=dim), _features(64, 3, shift=0.05, dim=dim)
     gram = frechet_distance(y1, y2, method="gram", device=device)
     eigh = frechet_distance(y1, y2, method="eigh", device=device)
     t_gram = summarize(time_call(lambda: frechet_distance(y1, y2, method="gram", device=device),
                                  repeats=repeats, warmup=1, device=device), "s")  # fmt: skip
-    out[f"FD Gram form, N=64, D={DIM} ({device})"] = t_gram
+    out[f"FD Gram form, N=64, D={dim} ({device})"] = t_gram
     out["relative difference Gram vs two-eigh at N=64"] = abs(gram - eigh) / abs(eigh)
     if not quick:
         t_eigh = summarize(time_call(lambda: frechet_distance(y1, y2, method="eigh", device=device),
                                      repeats=repeats, warmup=0, device=device), "s")  # fmt: skip
-        out[f"FD two-eigh, N=64, D={DIM} ({device})"] = t_eigh
+        out[f"FD two-eigh, N=64, D={dim} ({device})"] = t_eigh
         out["speed-up Gram vs two-eigh at N=64 (median)"] = ratio(t_eigh, t_gram)
         (m1, c1), (m2, c2) = _stats(y1), _stats(y2)
         out["relative difference Gram vs sqrtm at N=64"] = abs(gram - _scipy_fd(m1, c1, m2, c2)) / abs(gram)

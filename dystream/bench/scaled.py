@@ -262,7 +262,9 @@ def vae_decode(setup: Setup, repeats: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def training_step(setup: Setup, repeats: int, batch: int = 1, frames: int = 5, autocast: bool = True) -> dict[str, Any]:
+def training_step(
+    setup: Setup, repeats: int, batch: int = 1, frames: int = 5, autocast: bool = True, warmup: int = 2
+) -> dict[str, Any]:
     """A teacher flow-matching step on latents (what a cached-latent batch costs): bidirectional forward over
     ``frames`` latent frames (reference clean), velocity loss, backward, AdamW. Low precision runs as autocast
     over fp32 weights (Lightning's ``bf16-mixed``); fp32 runs plain."""
@@ -295,7 +297,7 @@ def training_step(setup: Setup, repeats: int, batch: int = 1, frames: int = 5, a
         losses.append(float(loss.detach()))
 
     with peak_memory(dev) as mem:
-        times = time_call(step, repeats=repeats, warmup=2, device=dev)
+        times = time_call(step, repeats=repeats, warmup=warmup, device=dev)
     step_s = summarize(times, "s/step")
     flops = cost.teacher_step_flops(cfg, (h, w), frames, batch)
     params = sum(p.numel() for p in model.parameters())

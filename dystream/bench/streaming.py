@@ -17,9 +17,10 @@ delay is measured with the (default) decoder thread.
 * resident memory at chunk 25 vs at the end of the stream, after a garbage collection and ``malloc_trim`` (growth
   target <= 5 %), and the KV-cache size.
 
-Quick mode: 1 minute of audio; full mode: 10 minutes. On a CPU one intra-op thread (at tiny sizes a thread pool only
-adds synchronisation, which on a loaded shared machine costs more than the work and swamps the figures). Tiny
-presets at 64x64 (8x8 latents), random weights: speed does not depend on them.
+Quick mode: 30 s of audio (the 2-minute budget of ``make bench QUICK=1``); full mode: 10 minutes. On a CPU one
+intra-op thread (at tiny sizes a thread pool only adds synchronisation, which on a loaded shared machine costs more
+than the work and swamps the figures). Tiny presets at 64x64 (8x8 latents), random weights: speed does not depend
+on them.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def run(
 def _run(quick: bool, device: str) -> dict[str, Any]:
     from dystream.streaming.avatar import StreamingAvatar
 
-    minutes = 1 if quick else 10
+    minutes = 0.5 if quick else 10
     size = 64
     nets = _networks(device)
     reference = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -123,7 +124,7 @@ def _run(quick: bool, device: str) -> dict[str, Any]:
     # 1. the long stream: RTFs and memory
     late = new_session()
     chunk = late.frames_per_chunk * 640
-    stream_end = 60 * minutes * 16000
+    stream_end = int(60 * minutes * 16000)
     rss: list[int] = []
     frames = 0
     start = time.perf_counter()

@@ -72,7 +72,7 @@ def run(
         setup = scaled.Setup.from_options(device, None, size, dtype, preset or "tiny", 1, compile=compile)
         return scaled.vae_decode(setup, repeats=3 if quick else 10)
     repeats = 3 if quick else 10
-    latent_frames = 5 if quick else 13  # 17 or 49 video frames
+    latent_frames = 3 if quick else 13  # 9 or 49 video frames
     figures = _bench_preset("tiny", 64, latent_frames, repeats, device)
     if not device.startswith("cpu"):
         figures |= _bench_preset("ref-dc-f32t4c16", 512, latent_frames, repeats, device)
