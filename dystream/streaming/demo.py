@@ -1,7 +1,9 @@
 """`dystream demo`: what the trained chain learnt, as one picture and one short animation.
 
-    dystream demo [--out outputs/demo] [--sheet docs/images/demo_sheet.png] [--gif docs/images/demo.gif]
+    dystream demo [--out outputs/demo] [--sheet <out>/demo_sheet.png] [--gif <out>/demo.gif]
                   [--checkpoint runs/stage1_sid/student.safetensors] [--val-shards data/synthetic/val]
+
+(`make demo` writes the sheet to docs/images/demo_sheet.png, the picture at the top of the README.)
 
 From the validation shards (identities never seen in training) it takes clip A and a clip B of another identity,
 writes a DyStream sample file with both scenarios of docs/streaming.md and renders it with ``dystream generate``:
