@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -218,3 +220,76 @@ def test_face_weight_adds_the_face_term_and_needs_keypoints(tmp_path):
     recon[:, :, 1:, 5, 5] = 1.0  # an error inside the face box
     assert stage.face_l1(batch, recon, clip).item() > 0.0
     _trainer(tmp_path, 2).fit(stage, _loader(batch, 2))
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
+    from dystream.stages.vae import _lr_factor
+
+    f = [_lr_factor(s, warmup=10, total=110, cosine=True, floor=0.1) for s in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warm-up
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55)  # half-way down the cosine
+    assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)  # the floor, then held
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert _lr_factor(500, warmup=10, total=110, cosine=False, floor=0.1) == 1.0
+
+
+def test_cosine_schedule_steps_the_vae_optimizer(tmp_path):
+    batch = _batch()
+    stage = VAEStage(lr=1e-3, lr_schedule="cosine", warmup_steps=2, min_lr_ratio=0.0, disc_weight=0.0,
+                     max_references=1, export_dir=str(tmp_path))  # fmt: skip
+    _trainer(tmp_path, max_steps=6).fit(stage, _loader(batch, 6))
+    lr = stage.optimizers().param_groups[0]["lr"]
+    assert lr == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 4)), abs=1e-9)  # at the end: 0
+
+
+def test_architecture_overrides_the_preset_and_is_exported(tmp_path):
+    stage = VAEStage(architecture={"widths": [36, 72, 144]}, disc_weight=0.0, export_dir=str(tmp_path))
+    assert stage.vae.config.widths == (36, 72, 144) and stage.vae.config.latent_channels == 16
+    vae = load_vae(str(stage.export()))
+    assert vae.config.widths == (36, 72, 144)
+    with pytest.raises(ValueError, match="VAEStage.architecture"):
+        VAEStage(architecture={"width": [36, 72, 144]}, disc_weight=0.0)
+
+
+def _cartoon_batch(size: int = 32, t: int = 4) -> dict:
+    """Two cartoon clips (a flat disc and a bar moving over a vertical gradient, as in the synthetic world)."""
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij"
+    )
+
+    def frame(j: int, colour: tuple[int, int, int]) -> torch.Tensor:
+        f = torch.stack([60 + 2 * ys, 80 + ys, 160 + ys], dim=-1)
+        cy, cx = size / 2 + 0.7 * j, size / 2 - 0.5 * j
+        f[(ys - cy) ** 2 + (xs - cx) ** 2 < (size / 4) ** 2] = torch.tensor(colour, dtype=f.dtype)
+        f[((ys - 24).abs() < 3) & ((xs - cx).abs() < 10)] = torch.tensor((200.0, 40.0, 140.0), dtype=f.dtype)
+        return f.clamp(0, 255).round()
+
+    clips = torch.stack([torch.stack([frame(j, c) for j in range(t + 1)]) for c in ((190, 120, 70), (90, 60, 40))])
+    x = (clips.permute(0, 4, 1, 2, 3) / 127.5 - 1).float()  # [2, 3, 1 + t, H, W]
+    return {"video": x[:, :, 1:].contiguous(), "references": x[:, :, :1].transpose(1, 2).contiguous()}
+
+
+def test_recipe_optimiser_fits_a_fixed_batch_without_grain_or_tint(tmp_path):
+    """The embedded recipe's optimiser settings on a tiny fixed cartoon batch: no grain (high-frequency energy ratio
+    near 1; Adam betas (0.5, 0.9) at a constant 1e-3, the old recipe, gave 1.58 here) and no tint (< 2/255)."""
+    from pathlib import Path
+
+    import yaml
+
+    from dystream.evaluation.reconstruction import reconstruction_quality
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "vae.yaml").read_text())["model"]["init_args"]
+    keys = ("lr", "beta1", "beta2", "lr_schedule", "warmup_steps", "min_lr_ratio", "sample_posterior", "kl_weight")
+    torch.manual_seed(0)
+    stage = VAEStage(**{k: recipe[k] for k in keys if k in recipe}, disc_weight=0.0, face_weight=0.0,
+                     max_references=0, export_dir=str(tmp_path))  # fmt: skip
+    batch = _cartoon_batch()
+    _trainer(tmp_path, max_steps=150).fit(stage, _loader(batch, 150))
+    clip, _ = stage.clip_and_references(batch, 0)
+    with torch.no_grad():
+        recon = stage.vae(clip, None, sample=False).recon
+    to_uint8 = lambda v: ((v.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()  # noqa: E731
+    q = reconstruction_quality(to_uint8(recon), to_uint8(clip))
+    assert 0.7 < q["hf_ratio"] < 1.25, q
+    assert q["colour_error_max"] < 2.0, q
+    assert q["psnr"] > 25.0, q

@@ -26,6 +26,8 @@ the file later stages load.
 from __future__ import annotations
 
 import io
+import math
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,8 +69,15 @@ class VAEStage(L.LightningModule):
 
     Args:
         preset: VAE architecture preset (``dystream.models.vae.VAE_PRESETS``).
+        architecture: fields of ``VAEConfig`` that replace the preset's (e.g. ``{widths: [36, 72, 144]}``); the
+            export records the resulting config, so later stages load it as it was trained.
         discriminator_preset: 3-D PatchGAN preset (``dystream.models.vae.DISCRIMINATOR_PRESETS``).
         lr: Adam learning rate of the VAE.
+        lr_schedule: ``constant``, or ``cosine``: linear warm-up over ``warmup_steps``, then a cosine decay to
+            ``min_lr_ratio * lr`` at ``trainer.max_steps`` (the VAE's optimizer only; the discriminator stays
+            constant).
+        warmup_steps: linear warm-up of the VAE's learning rate (both schedules).
+        min_lr_ratio: the cosine schedule's final learning rate, as a fraction of ``lr``.
         disc_lr: Adam learning rate of the discriminator.
         beta1: Adam beta1 of both optimizers (0.5 as in LDM/VQGAN, for the GAN phase).
         beta2: Adam beta2 of both optimizers.
@@ -99,8 +108,12 @@ class VAEStage(L.LightningModule):
     def __init__(
         self,
         preset: VAEPresetName = "tiny",
+        architecture: dict[str, Any] | None = None,
         discriminator_preset: DiscriminatorPresetName = "tiny",
         lr: PositiveFloat = 2e-4,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        warmup_steps: NonNegativeInt = 0,
+        min_lr_ratio: NonNegativeFloat = 0.0,
         disc_lr: PositiveFloat = 2e-4,
         beta1: NonNegativeFloat = 0.5,
         beta2: NonNegativeFloat = 0.9,
@@ -131,7 +144,13 @@ class VAEStage(L.LightningModule):
                 raise ValueError(f"VAEStage.{name} must be in [0, 1), got {value}")
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimizers: VAE and discriminator
-        self.vae = ReferenceGuidedVAE(VAEConfig.from_preset(preset))
+        try:
+            config = VAEConfig.from_preset(preset, **(architecture or {}))
+        except TypeError as e:  # an unknown field name
+            raise ValueError(
+                f"VAEStage.architecture: {e}; the fields are those of dystream.models.vae.VAEConfig"
+            ) from e
+        self.vae = ReferenceGuidedVAE(config)
         self.disc = PatchDiscriminator3D(DiscriminatorConfig.from_preset(discriminator_preset)) if disc_weight else None
         # LPIPS is a frozen loss network loaded from a file: kept out of the module tree so it is
         # neither trained nor written into checkpoints (it is rebuilt from the path on load).
@@ -233,6 +252,10 @@ class VAEStage(L.LightningModule):
         if hp.grad_clip > 0:
             self.clip_gradients(opt_g, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
         opt_g.step()  # the one step Lightning counts
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            (schedulers[0] if isinstance(schedulers, list) else schedulers).step()
+            logs["lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
 
         if gan_on:
             d_loss = hinge_discriminator_loss(self.disc(clip), self.disc(out.recon.detach()))
@@ -252,9 +275,20 @@ class VAEStage(L.LightningModule):
         hp = self.hparams
         betas = (hp.beta1, hp.beta2)
         opt_g = torch.optim.AdamW(self.vae.parameters(), lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
-        if self.disc is None:
-            return opt_g
-        return [opt_g, torch.optim.Adam(self.disc.parameters(), lr=hp.disc_lr, betas=betas)]
+        optimizers = [opt_g]
+        if self.disc is not None:
+            optimizers.append(torch.optim.Adam(self.disc.parameters(), lr=hp.disc_lr, betas=betas))
+        total = self.trainer.max_steps if self._trainer is not None else -1
+        if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
+            return optimizers if len(optimizers) > 1 else opt_g
+        if hp.lr_schedule == "cosine" and total <= hp.warmup_steps:
+            raise ValueError(
+                f"VAEStage.lr_schedule: cosine needs trainer.max_steps ({total}) > warmup_steps ({hp.warmup_steps})"
+            )
+        schedule = partial(
+            _lr_factor, warmup=hp.warmup_steps, total=total, cosine=hp.lr_schedule == "cosine", floor=hp.min_lr_ratio
+        )
+        return optimizers, [torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)]
 
     # ------------------------------------------------------------------ validation
     def _val_k(self, available: int) -> int:
@@ -339,6 +373,16 @@ class VAEStage(L.LightningModule):
 
 def _no_closure() -> None:
     return None
+
+
+def _lr_factor(step: int, warmup: int, total: int, cosine: bool, floor: float) -> float:
+    """Learning-rate factor at ``step``: linear warm-up, then constant or a cosine decay to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _add_gif(writer: Any, tag: str, frames: Tensor, step: int, fps: int = 25) -> None:
