@@ -36,6 +36,7 @@ CONFIG_FLAGS = (
     "vad_context_frames",
     "vad_lookahead_frames",
     "decode_latents_per_call",
+    "compile",
 )
 
 
@@ -75,6 +76,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=_parse_size, metavar="H[xW]", help=text)
         elif name == "renoise":
             group.add_argument(flag, choices=typing.get_args(types[name]), default=f.default, help=text)
+        elif types[name] is bool:
+            group.add_argument(flag, action="store_true", help=text)
         else:
             group.add_argument(flag, type=types[name], default=f.default, help=f"{text} (default {f.default})")
     group.add_argument("--single-thread", action="store_true", help="decode on the calling thread (no DiT/VAE overlap)")
