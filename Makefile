@@ -18,8 +18,9 @@ TORCH ?= torch==2.14.* torchvision==0.29.*
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 # setuptools reports deprecations in the build files of packages built from source (e.g. deepspeed's license
 # classifiers) as "!!" banner blocks; nothing in this project can act on them, so those blocks (and only those:
-# a SetuptoolsWarning line through its closing "!!") are dropped.
-SETUPTOOLS_BANNERS := '/Setuptools[A-Za-z]*Warning: / {skip = 1; bangs = 0; next} \
+# a SetuptoolsWarning line through its closing "!!") are dropped, as is the BuildBackendWarning "Editable
+# installation" banner (the editable install maps datamodules/, callbacks/, evaluation/ into dystream on purpose).
+SETUPTOOLS_BANNERS := '/(Setuptools[A-Za-z]*|BuildBackend)Warning: / {skip = 1; bangs = 0; next} \
 	skip && /^[[:space:]]*!!$$/ {if (++bangs == 2) {skip = 0; after = 1}; next} skip {next} \
 	after {after = 0; if (/^  /) next} {print}'
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" | awk $(SETUPTOOLS_BANNERS) || true; }

@@ -1,0 +1,1 @@
+"""The web page that `dystream serve` serves (HTML, JS, CSS; data files, no code)."""
