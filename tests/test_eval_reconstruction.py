@@ -39,9 +39,7 @@ def test_psnr_is_the_per_clip_formula_averaged():
     real = _clips(n=3)
     rng = np.random.default_rng(1)
     recon = (real.astype(np.int16) + rng.integers(-6, 7, size=real.shape)).clip(0, 255).astype(np.uint8)
-    direct = [
-        10 * np.log10(255.0**2 / np.mean((recon[i].astype(np.float64) - real[i]) ** 2)) for i in range(len(real))
-    ]
+    direct = [10 * np.log10(255.0**2 / np.mean((recon[i].astype(np.float64) - real[i]) ** 2)) for i in range(len(real))]
     assert reconstruction_quality(recon, real)["psnr"] == pytest.approx(np.mean(direct), abs=1e-3)
 
 
