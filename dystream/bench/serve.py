@@ -28,6 +28,21 @@ WARMUP_S = 2.0  # excluded from the figures: the first chunk's audio is still ar
 
 
 def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
+    """The serve figures. Once decord is loaded in a process, its bundled FFmpeg shadows PyAV's and aiortc can no
+    longer open the libvpx encoder (avcodec_open2 fails with EINVAL, the calls get no video): `bench all` has loaded
+    it by then (the data part), so the calls then run in a fresh process."""
+    import sys
+
+    if "decord" not in sys.modules:
+        return _run_here(quick, device)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_run_here, quick, device).result()
+
+
+def _run_here(quick: bool, device: str) -> dict[str, Any]:
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
