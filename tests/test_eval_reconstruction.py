@@ -3,6 +3,7 @@ error, keypoint error over confident points; the `vae-report` command end to end
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -87,7 +88,7 @@ def test_vae_report_end_to_end(tmp_path):
 
     torch.manual_seed(0)
     path = save_model(ReferenceGuidedVAE(VAEConfig.from_preset("tiny")), tmp_path / "vae.safetensors", arch="vae")
-    parser = __import__("argparse").ArgumentParser()
+    parser = argparse.ArgumentParser()
     vae_report.add_arguments(parser)
     out = tmp_path / "q.json"
     args = parser.parse_args(

@@ -15,7 +15,14 @@ import sys
 from typing import Any
 
 from dystream.serving.config import ServeConfig
-from dystream.streaming.cli import CliError, add_config_arguments, add_model_arguments, config_from_args, load_networks
+from dystream.streaming.cli import (
+    CliError,
+    add_config_arguments,
+    add_model_arguments,
+    config_from_args,
+    load_networks,
+    reporting_cli_errors,
+)
 
 HELP = "serve live calls: a web page and a WebRTC API, the avatar listens to the microphone and speaks a voice"
 
@@ -105,15 +112,8 @@ def avatar_factory(networks: tuple[Any, Any, Any], config: Any, device: str, vae
     return factory
 
 
+@reporting_cli_errors
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     serve = serve_config_from_args(args)  # refuses an exposed address without a token before loading anything
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads is not None:

@@ -44,6 +44,22 @@ class CliError(RuntimeError):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
+ToolRun = typing.Callable[[argparse.Namespace], int]
+
+
+def reporting_cli_errors(body: ToolRun) -> ToolRun:
+    """A tool subcommand's ``run``: ``body(args)``, with a :class:`CliError` printed as one line and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return body(args)
+        except CliError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 # ---------------------------------------------------------------------------------------------- shared options
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Networks and devices, shared by `generate` and `stream`."""
@@ -193,15 +209,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
+@reporting_cli_errors
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from dystream.streaming.samples import SampleFileError, load_samples, render_sample
 
     try:

@@ -22,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from dystream.streaming.cli import CliError, add_config_arguments, add_model_arguments, config_from_args, load_networks
+from dystream.streaming.cli import (
+    CliError,
+    add_config_arguments,
+    add_model_arguments,
+    config_from_args,
+    load_networks,
+    reporting_cli_errors,
+)
 
 HELP = "stream wav files through a live avatar session at real-time pace, write the mp4 as it goes, print latency"
 
@@ -87,14 +94,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
 def _read_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from dystream.streaming.samples import read_image
     from dystream.streaming.video_io import read_wav
@@ -114,7 +113,8 @@ def _read_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.n
     return image, np.pad(own, (0, n - own.shape[0])), np.pad(other, (0, n - other.shape[0]))
 
 
-def _run(args: argparse.Namespace) -> int:
+@reporting_cli_errors
+def run(args: argparse.Namespace) -> int:
     if not args.packet_ms > 0:
         raise CliError(f"--packet-ms must be > 0, got {args.packet_ms}")
     image, own, other = _read_inputs(args)
