@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_scale_ddp import launch  # noqa: E402
+from test_scale_ddp import finish_ranks, launch  # noqa: E402
 
 
 def worker(args: dict) -> None:
@@ -102,3 +102,4 @@ def test_uneven_shards_give_equal_epochs_and_too_few_shards_fail_on_every_rank(t
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     worker(json.loads(sys.argv[sys.argv.index("--worker") + 1]))
+    finish_ranks()

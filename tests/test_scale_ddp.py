@@ -16,6 +16,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -138,8 +139,23 @@ def launch(script: Path, nproc: int, args: dict, timeout: float = 420) -> subpro
         env=env,
         cwd=Path(__file__).resolve().parents[1],
     )
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    if proc.returncode != 0:  # the whole of both tails: pytest would cut an assertion's repr mid-traceback
+        tails = f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+        pytest.fail(f"torchrun exited {proc.returncode}\n{tails}", pytrace=False)
     return proc
+
+
+def finish_ranks() -> None:
+    """End a worker in step: every rank reaches a barrier, then tears its process group down.
+
+    A rank that exits while its peer still holds the gloo connection can make the peer abort (SIGABRT) in the
+    transport's background thread, failing a run whose results were all written.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
@@ -166,3 +182,4 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     worker(json.loads(sys.argv[sys.argv.index("--worker") + 1]))
+    finish_ranks()

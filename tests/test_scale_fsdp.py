@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_scale_ddp import SAMPLES, fit, launch  # noqa: E402
+from test_scale_ddp import SAMPLES, finish_ranks, fit, launch  # noqa: E402
 from test_stage1_common import make_files, prompt_batch  # noqa: E402
 
 
@@ -215,3 +215,4 @@ def test_fsdp_sid_trains_resumes_and_consolidates_on_cpu(tmp_path):
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     worker(json.loads(sys.argv[sys.argv.index("--worker") + 1]))
+    finish_ranks()
