@@ -24,6 +24,7 @@ FACE = slice(24, 92)  # iBUG-68 face order
 LEFT_HAND = slice(92, 113)  # the person's left hand, 21 points
 RIGHT_HAND = slice(113, 134)
 HANDS = slice(92, 134)
+MOUTH = slice(72, 92)  # the face group's lips, iBUG-68 points 48-67 (outer 48-59, inner 60-67)
 
 GROUPS: dict[str, slice] = {
     "body": BODY,

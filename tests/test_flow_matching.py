@@ -56,6 +56,26 @@ def test_loss_equals_direct_formula():
     assert float(logs["drop_talk"]) == 0.0
 
 
+def test_weighted_loss_is_a_weighted_mean_that_ignores_zero_weight_positions():
+    x0, eps, sigma, cond = tensors()
+    base, _ = flow_matching_loss(fake_denoiser, x0, cond, sigma, eps)
+    uniform, _ = flow_matching_loss(fake_denoiser, x0, cond, sigma, eps, weight=torch.full((B, 1, F - 1, H, W), 3.0))
+    torch.testing.assert_close(uniform, base)  # a constant weight leaves the loss unchanged
+    weight = torch.zeros(B, 1, F - 1, H, W)
+    weight[:, :, :, 0, 0] = 1.0  # only one latent cell per frame counts
+
+    def wild_elsewhere(x, s, c):  # the prediction changes only where the weight is 0
+        v = fake_denoiser(x, s, c).clone()
+        v[:, :, 1:, 1:] += 100.0
+        return v
+
+    one_cell, _ = flow_matching_loss(fake_denoiser, x0, cond, sigma, eps, weight=weight)
+    torch.testing.assert_close(flow_matching_loss(wild_elsewhere, x0, cond, sigma, eps, weight=weight)[0], one_cell)
+    assert not torch.allclose(flow_matching_loss(wild_elsewhere, x0, cond, sigma, eps)[0], base)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        flow_matching_loss(fake_denoiser, x0, cond, sigma, eps, weight=torch.ones(B, 1, F, H, W))
+
+
 def test_reference_frame_gets_no_loss_and_stays_clean():
     x0, eps, sigma, cond = tensors()
     seen = {}

@@ -222,6 +222,38 @@ def test_face_weight_adds_the_face_term_and_needs_keypoints(tmp_path):
     _trainer(tmp_path, 2).fit(stage, _loader(batch, 2))
 
 
+def test_mouth_and_hands_weights_cover_only_their_boxes_and_train(tmp_path):
+    from dystream.datamodules.keypoints import LEFT_HAND, MOUTH, NUM_KEYPOINTS, RIGHT_HAND
+
+    batch = _batch(t=4)
+    kpts = torch.zeros(2, 4, NUM_KEYPOINTS, 3)
+    for group, (x0, y0, x1, y1) in ((MOUTH, (6.0, 10.0, 9.0, 11.0)), (LEFT_HAND, (1, 1, 3, 3)),
+                                    (RIGHT_HAND, (12, 12, 14, 14))):  # fmt: skip
+        n = group.stop - group.start
+        kpts[:, :, group, 0] = torch.linspace(x0, x1, n)
+        kpts[:, :, group, 1] = torch.linspace(y0, y1, n)
+        kpts[:, :, group, 2] = 1.0
+    batch["kpts"] = kpts
+    stage = VAEStage(mouth_weight=8.0, hands_weight=4.0, disc_weight=0.0, export_dir=str(tmp_path))
+    clip = torch.zeros(2, 3, 5, 16, 16)
+    hp = stage.hparams
+    mouth = lambda r: stage.region_l1(batch, r, clip, (MOUTH,), hp.mouth_pad).item()  # noqa: E731
+    hands = lambda r: stage.region_l1(batch, r, clip, (LEFT_HAND, RIGHT_HAND), hp.hands_pad).item()  # noqa: E731
+    recon = clip.clone()
+    recon[:, :, 1:, 2, 2] = 1.0  # inside the left hand's box only
+    assert mouth(recon) == 0.0 and hands(recon) > 0.0
+    recon = clip.clone()
+    recon[:, :, 1:, 13, 13] = 1.0  # the right hand counts too
+    assert hands(recon) > 0.0
+    recon = clip.clone()
+    recon[:, :, 1:, 10, 7] = 1.0  # on the lips
+    assert mouth(recon) > 0.0 and hands(recon) == 0.0
+    recon[:, :, 1:, 2, 12] = 1.0  # and an error outside every box changes neither term
+    assert hands(recon) == 0.0
+    _trainer(tmp_path, 2).fit(stage, _loader(batch, 2))
+    assert {"train/mouth_l1", "train/hands_l1"} <= set(stage.trainer.logged_metrics)
+
+
 def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
     from dystream.stages.vae import _lr_factor
 

@@ -133,6 +133,7 @@ def flow_matching_loss(
     eps: Tensor,
     masks: DropoutMasks | None = None,
     config: FlowMatchingConfig | None = None,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The teacher loss on fixed tensors (all randomness passed in).
 
@@ -145,9 +146,12 @@ def flow_matching_loss(
             dropped reference gets in ``"noise"`` mode, and are unused otherwise.
         masks: condition dropout decisions; None keeps every condition.
         config: loss settings (only the dropout/layout fields matter here).
+        weight: optional per-position weights of the squared error, broadcastable to the generated frames
+            ``[B, C, F - R, h, w]`` (e.g. ``[B, 1, F - R, h, w]``, larger on the mouth's latent cells); each sample's
+            error is its weighted mean (sum of weight x error over sum of weight), so the loss keeps its scale.
 
     Returns:
-        ``(loss, logs)``: the scalar MSE over frames R..F-1 and detached values to log.
+        ``(loss, logs)``: the scalar (weighted) MSE over frames R..F-1 and detached values to log.
     """
     cfg = config or FlowMatchingConfig()
     if x0.ndim != 5:
@@ -177,7 +181,17 @@ def flow_matching_loss(
     target = velocity_target(x0[:, :, r:], eps[:, :, r:])
     # float32 accumulation even under bf16 autocast; only the generated frames are supervised
     err = (v_pred[:, :, r:].float() - target.float()).pow(2)
-    per_sample = err.flatten(1).mean(dim=1)  # [B]
+    if weight is None:
+        per_sample = err.flatten(1).mean(dim=1)  # [B]
+    else:
+        try:
+            w = torch.broadcast_to(weight.to(err), err.shape)
+        except RuntimeError as e:
+            raise ValueError(
+                f"flow_matching_loss: weight {tuple(weight.shape)} does not broadcast to the generated frames "
+                f"{tuple(err.shape)}"
+            ) from e
+        per_sample = (w * err).flatten(1).sum(dim=1) / w.flatten(1).sum(dim=1).clamp(min=1e-12)
     loss = per_sample.mean()
 
     with torch.no_grad():

@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from dystream.datamodules.keypoints import FACE
+from dystream.datamodules.keypoints import FACE, LEFT_HAND, MOUTH, RIGHT_HAND
 from dystream.logs import announce_export
 from dystream.models.vae import (
     DiscriminatorConfig,
@@ -87,6 +87,12 @@ class VAEStage(L.LightningModule):
         face_weight: weight of an extra L1 term over each frame's face box (the batch's ``kpts``, face group,
             enlarged by ``face_pad``); 0 = off. Frames without face keypoints (the reference frame) add nothing.
         face_pad: enlargement of the face box on each side, as a fraction of its size.
+        mouth_weight: weight of an extra L1 term over each frame's mouth box (the face group's lip points, enlarged
+            by ``mouth_pad``): at 64x64 the mouth is under 1 % of the frame, and its opening is what lip sync reads.
+        mouth_pad: enlargement of the mouth box on each side, as a fraction of its size.
+        hands_weight: weight of an extra L1 term over each hand's box (either hand's points, enlarged by
+            ``hands_pad``): gesturing hands are small and fast, and the plain L1 lets them blur away.
+        hands_pad: enlargement of each hand box on each side, as a fraction of its size.
         kl_weight: weight of the KL term, averaged over latent elements.
         disc_weight: scale of LDM's adaptive GAN weight; 0 disables the discriminator.
         disc_start: training step from which the adversarial terms are on (before it the
@@ -122,6 +128,10 @@ class VAEStage(L.LightningModule):
         lpips_weight: NonNegativeFloat = 0.1,
         face_weight: NonNegativeFloat = 0.0,
         face_pad: NonNegativeFloat = 0.25,
+        mouth_weight: NonNegativeFloat = 0.0,
+        mouth_pad: NonNegativeFloat = 0.5,
+        hands_weight: NonNegativeFloat = 0.0,
+        hands_pad: NonNegativeFloat = 0.25,
         kl_weight: NonNegativeFloat = 1e-4,
         disc_weight: NonNegativeFloat = 0.05,
         disc_start: NonNegativeInt = 2000,
@@ -185,18 +195,24 @@ class VAEStage(L.LightningModule):
         guidance = refs[:, 1 : 1 + k] if k > 0 else None
         return clip, guidance
 
-    def face_l1(self, batch: dict[str, Any], recon: Tensor, clip: Tensor) -> Tensor:
-        """Mean L1 inside the face boxes of the window's frames (``clip`` frame 0 is the reference: no keypoints)."""
+    def region_l1(
+        self, batch: dict[str, Any], recon: Tensor, clip: Tensor, groups: tuple[slice, ...], pad: float
+    ) -> Tensor:
+        """Mean L1 inside each frame's boxes around keypoint ``groups`` (``clip`` frame 0 is the reference: no box)."""
         kpts = batch.get("kpts")
         if kpts is None:
             raise KeyError(
-                "VAEStage: face_weight > 0 needs face keypoints in the batch ('kpts', the shards' KEY.kpts.npy); "
-                "set face_weight: 0 for data without keypoints"
+                "VAEStage: face_weight, mouth_weight or hands_weight > 0 needs keypoints in the batch ('kpts', the "
+                "shards' KEY.kpts.npy); set them to 0 for data without keypoints"
             )
         h, w = clip.shape[-2:]
-        region = keypoint_box_mask(kpts, FACE, h, w, pad=self.hparams.face_pad)  # [B, T, H, W]
+        region = torch.stack([keypoint_box_mask(kpts, g, h, w, pad=pad) for g in groups]).amax(0)  # [B, T, H, W]
         region = torch.cat([torch.zeros_like(region[:, :1]), region], dim=1)  # the reference frame: no box
         return region_l1_loss(recon, clip, region)
+
+    def face_l1(self, batch: dict[str, Any], recon: Tensor, clip: Tensor) -> Tensor:
+        """Mean L1 inside the face boxes of the window's frames."""
+        return self.region_l1(batch, recon, clip, (FACE,), self.hparams.face_pad)
 
     def _draw_k(self, available: int) -> int:
         lo, hi = self.hparams.min_references, min(self.hparams.max_references, available)
@@ -230,6 +246,14 @@ class VAEStage(L.LightningModule):
             face = self.face_l1(batch, out.recon, clip)
             nll = nll + hp.face_weight * face
             logs["face_l1"] = face.detach()
+        if hp.mouth_weight > 0:
+            mouth = self.region_l1(batch, out.recon, clip, (MOUTH,), hp.mouth_pad)
+            nll = nll + hp.mouth_weight * mouth
+            logs["mouth_l1"] = mouth.detach()
+        if hp.hands_weight > 0:
+            hands = self.region_l1(batch, out.recon, clip, (LEFT_HAND, RIGHT_HAND), hp.hands_pad)
+            nll = nll + hp.hands_weight * hands
+            logs["hands_l1"] = hands.detach()
         if self.lpips is not None and hp.lpips_weight > 0:
             perceptual = lpips_video(self.lpips, out.recon, clip, frames=hp.lpips_frames)
             nll = nll + hp.lpips_weight * perceptual
