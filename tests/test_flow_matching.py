@@ -219,3 +219,23 @@ def test_bad_input_and_config():
         flow_matching_loss(fake_denoiser, x0[:, :, :1], cond, sigma, eps[:, :, :1])
     with pytest.raises(ValueError, match="denoiser returned"):
         flow_matching_loss(lambda x, s, c: x[:, :, 1:], x0, cond, sigma, eps)
+
+
+def test_region_loss_weight_marks_the_latent_cells_a_keypoint_box_touches():
+    from dystream.datamodules.keypoints import MOUTH, NUM_KEYPOINTS
+    from dystream.objectives.flow_matching import region_loss_weight
+
+    kpts = torch.zeros(2, 8, NUM_KEYPOINTS, 3)
+    n = MOUTH.stop - MOUTH.start
+    kpts[:, :, MOUTH, 0] = torch.linspace(6.0, 9.0, n)  # lips over pixel columns 6..9: latent columns 0 and 1
+    kpts[:, :, MOUTH, 1] = torch.linspace(10.0, 11.0, n)  # rows 10..11: latent row 1
+    kpts[:, :, MOUTH, 2] = 1.0
+    kpts[1, 4:, :, 2] = 0.0  # no confident lips in the second latent frame of sample 1
+    w = region_loss_weight(kpts, MOUTH, (16, 16), (2, 2, 2), extra=4.0, pad=0.0)
+    assert w.shape == (2, 1, 2, 2, 2)
+    expected = torch.ones(2, 1, 2, 2, 2)
+    expected[:, :, :, 1, :] = 5.0
+    expected[1, :, 1] = 1.0
+    assert torch.equal(w, expected)
+    with pytest.raises(ValueError, match="do not divide"):
+        region_loss_weight(kpts, MOUTH, (16, 16), (3, 2, 2), extra=4.0)

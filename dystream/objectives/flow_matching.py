@@ -210,6 +210,33 @@ def flow_matching_loss(
     return loss, logs
 
 
+def region_loss_weight(
+    kpts: Tensor,
+    points: slice,
+    video_size: tuple[int, int],
+    latent_shape: tuple[int, int, int],
+    extra: float,
+    pad: float = 0.5,
+) -> Tensor:
+    """Per-latent-cell loss weights ``[B, 1, F, h, w]``: ``1 + extra`` on the cells a keypoint box touches, else 1.
+
+    ``kpts [B, T, K, 3]`` are the window's keypoints in pixels of ``video_size (H, W)``; the box around ``points``
+    (e.g. the lips, enlarged by ``pad``) is max-pooled to the ``latent_shape (F, h, w)`` of the generated frames
+    (T = 4F video frames), so a cell counts when any of its pixels in any of its frames lies in a box. At 64x64 the
+    mouth is under 1 % of the frame, one f8 latent cell, and its opening is what lip sync reads.
+    """
+    from dystream.objectives.vae import keypoint_box_mask
+
+    if kpts.ndim != 4 or kpts.shape[-1] != 3:
+        raise ValueError(f"region_loss_weight: keypoints must be [B, T, K, 3], got {tuple(kpts.shape)}")
+    f = latent_shape[0]
+    if kpts.shape[1] % f:
+        raise ValueError(f"region_loss_weight: {kpts.shape[1]} keypoint frames do not divide into {f} latent frames")
+    box = keypoint_box_mask(kpts, points, *video_size, pad=pad)  # [B, T, H, W]
+    cells = torch.nn.functional.adaptive_max_pool3d(box[:, None].float(), tuple(latent_shape))  # [B, 1, F, h, w]
+    return 1.0 + extra * cells
+
+
 class FlowMatchingObjective:
     """Draws sigma, eps and dropout masks, then calls :func:`flow_matching_loss`.
 
