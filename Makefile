@@ -27,10 +27,10 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 
 # ---------------------------------------------------------------------------------------------
 # Stages: the chain every recipe sits on. `make train RECIPE=X` first builds (once) the outputs
-# of the stages X needs, then trains X. Outputs live under runs/<stage>/.
+# of the stages X needs (NEEDS_X, one or more stages), then trains X. Outputs live under runs/<stage>/.
 RUNS ?= runs
-CHAIN := vae teacher ode_pairs stage1_ode stage1_sid stage2_gan
-NEEDS_teacher := vae
+CHAIN := vae audio teacher ode_pairs stage1_ode stage1_sid stage2_gan
+NEEDS_teacher := vae audio
 NEEDS_ode_pairs := teacher
 NEEDS_stage1_ode := ode_pairs
 NEEDS_stage1_sid := stage1_ode
@@ -64,7 +64,11 @@ venv: $(STAMP) ## create/refresh the project virtual environment (.venv)
 # Chain overview (dystream chain): `make train` prints its plan first (stages done, to build, and their time in
 # the last run, from $(RUNS)/summary.json); every stage runs through `dystream chain run`, which says which stage of
 # how many starts, times it and adds a one-line summary (time, key metric, output) to $(RUNS)/summary.md.
-stages_for = $(if $(1),$(call stages_for,$(NEEDS_$(1))) $(1))
+# the stages a recipe needs, each once, in an order that builds every stage after its needs
+uniq = $(if $(1),$(firstword $(1)) $(call uniq,$(filter-out $(firstword $(1)),$(1))))
+needs_of = $(foreach s,$(1),$(call needs_of,$(NEEDS_$(s))) $(s))
+stages_for = $(strip $(call uniq,$(call needs_of,$(1))))
+dones = $(foreach s,$(1),$(call done,$(s)))
 CHAIN_RUN = $(DYSTREAM) chain run --runs $(RUNS) --stage $(1) --done "$(call done,$(1))" --order "$(CHAIN)" \
 	--of "$(strip $(call stages_for,$(RECIPE)))" --
 
@@ -75,14 +79,14 @@ plan: | $(STAMP) ## print what make train RECIPE=... would build, what is done, 
 		--train $(RECIPE) --target "make train RECIPE=$(RECIPE)"
 
 .PHONY: train
-train: $(STAMP) | plan $$(call done,$$(NEEDS_$$(RECIPE))) ## train RECIPE (default: the furthest stage) on the embedded synthetic data, e.g. make train RECIPE=vae ARGS="--trainer.max_steps=50"
+train: $(STAMP) | plan $$(call dones,$$(NEEDS_$$(RECIPE))) ## train RECIPE (default: the furthest stage) on the embedded synthetic data, e.g. make train RECIPE=vae ARGS="--trainer.max_steps=50"
 	@test -n "$(RECIPE)" || { echo "no recipe found under recipes/"; exit 2; }
 	@$(call CHAIN_RUN,$(RECIPE)) $(DYSTREAM) $(or $(RUN_$(RECIPE)),fit) --config recipes/$(RECIPE).yaml $(ARGS)
 
 # A missing stage output is built from its recipe, after the outputs it needs (one explicit rule
 # per stage: make never uses the same pattern rule twice in one chain).
 define stage_rule
-$(call done,$(1)): | $(STAMP) $(call done,$(NEEDS_$(1)))
+$(call done,$(1)): | $(STAMP) $(call dones,$(NEEDS_$(1)))
 	@$$(call CHAIN_RUN,$(1)) $(DYSTREAM) $(or $(RUN_$(1)),fit) --config recipes/$(1).yaml
 endef
 $(foreach s,$(CHAIN),$(eval $(call stage_rule,$(s))))

@@ -111,7 +111,9 @@ class _Generator:
         vae = spec.vae or extra.get("vae") or "runs/vae/vae.safetensors"
         audio = spec.audio or extra.get("audio") or "runs/teacher/audio.safetensors"
         self.spec, self.device = spec, device
-        self.cond = AvatarConditioner(vae=vae, audio=audio).to(device)
+        # the teacher's export records where its speaking mask applies (a Pre-Mask ablation teacher: "waveform")
+        mask_mode = extra.get("mask_mode", "features") if spec.kind == "teacher" else "features"
+        self.cond = AvatarConditioner(vae=vae, audio=audio, mask_mode=mask_mode).to(device)
         self.net = load_model(spec.weights, arch="dit").requires_grad_(False).eval().to(device)
         if spec.kind == "student":
             if "student_sigmas" not in extra:

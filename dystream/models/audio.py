@@ -357,15 +357,43 @@ def route_audio_features(self_feats: Tensor, other_feats: Tensor, mask: Tensor) 
     return self_feats * m, other_feats * (1 - m)
 
 
-def audio_conditions(encoder: AudioEncoder, audio_self: Tensor, audio_other: Tensor, mask: Tensor) -> dict[str, Tensor]:
+MaskMode = Literal["features", "waveform"]
+
+
+def mask_waveforms(audio_self: Tensor, audio_other: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The Pre-Mask variant's inputs (StreamAvatar Table 3): ``audio_self * mask`` and ``audio_other * (1 - mask)``
+    with the per-frame mask ``[B, T]`` held over each frame's samples (``[B, T * spf]``, spf = samples per frame)."""
+    b, n = audio_self.shape
+    if mask.ndim != 2 or mask.shape[0] != b or n % mask.shape[1]:
+        raise ValueError(
+            f"mask_waveforms: mask {tuple(mask.shape)} must be [B, T] with T dividing the {n} samples of each track"
+        )
+    m = mask.to(audio_self.dtype).repeat_interleave(n // mask.shape[1], dim=1)
+    return audio_self * m, audio_other * (1 - m)
+
+
+def audio_conditions(
+    encoder: AudioEncoder, audio_self: Tensor, audio_other: Tensor, mask: Tensor, mask_mode: MaskMode = "features"
+) -> dict[str, Tensor]:
     """Batch keys ``audio_self``/``audio_other`` ``[B, T * 640]`` and ``mask [B, T]`` -> the denoiser's
-    audio conditions ``{TALK_KEY: [B, T, D], LISTEN_KEY: [B, T, D]}`` (both tracks in one encoder call)."""
+    audio conditions ``{TALK_KEY: [B, T, D], LISTEN_KEY: [B, T, D]}`` (both tracks in one encoder call).
+
+    ``mask_mode="features"`` (the paper's choice, §3.2) routes the extracted features with the mask;
+    ``"waveform"`` (Table 3's Pre-Mask ablation) masks the waveforms before the encoder and leaves its features
+    as they come.
+    """
     if audio_self.shape != audio_other.shape:
         raise ValueError(
             f"audio_conditions: audio_self {tuple(audio_self.shape)} and audio_other {tuple(audio_other.shape)} differ"
         )
+    if mask_mode not in ("features", "waveform"):
+        raise ValueError(f"audio_conditions: mask_mode must be 'features' or 'waveform', got {mask_mode!r}")
     b = audio_self.shape[0]
+    if mask_mode == "waveform":
+        audio_self, audio_other = mask_waveforms(audio_self, audio_other, mask)
     feats = encoder(torch.cat([audio_self, audio_other], dim=0))  # per-utterance normalisation is per row
+    if mask_mode == "waveform":
+        return {TALK_KEY: feats[:b], LISTEN_KEY: feats[b:]}
     talk, listen = route_audio_features(feats[:b], feats[b:], mask)
     return {TALK_KEY: talk, LISTEN_KEY: listen}
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dystream.models.audio import AudioEncoder, AudioEncoderConfig, audio_conditions, load_wav2vec2_weights
+from dystream.models.audio import AudioEncoder, AudioEncoderConfig, MaskMode, audio_conditions, load_wav2vec2_weights
 from dystream.models.dit import AvatarDiT, DiTConfig
 from dystream.stages.common import freeze, load_frozen
 from dystream.zoo import is_entry, load_text_context, load_weights, resolve
@@ -46,10 +46,18 @@ def build_audio_encoder(audio: str, weights: str | None = None, seed: int = 0) -
 class AvatarConditioner(nn.Module):
     """Frozen VAE + audio encoder: batch -> (latents, audio conditions); latents -> video."""
 
-    def __init__(self, vae: str, audio: str = "tiny", audio_weights: str | None = None, audio_seed: int = 0) -> None:
+    def __init__(
+        self,
+        vae: str,
+        audio: str = "tiny",
+        audio_weights: str | None = None,
+        audio_seed: int = 0,
+        mask_mode: MaskMode = "features",
+    ) -> None:
         super().__init__()
         self.vae = load_frozen(vae, "vae")
         self.audio = build_audio_encoder(audio, audio_weights, audio_seed)
+        self.mask_mode = mask_mode  # where the speaking mask applies: "features" (§3.2) or "waveform" (Table 3)
 
     @property
     def latent_channels(self) -> int:
@@ -84,7 +92,7 @@ class AvatarConditioner(nn.Module):
     @torch.no_grad()
     def audio_conditions(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Talk and listen features ``[B, T, D]`` routed by the speaking mask ``[B, T]``."""
-        return audio_conditions(self.audio, batch["audio_self"], batch["audio_other"], batch["mask"])
+        return audio_conditions(self.audio, batch["audio_self"], batch["audio_other"], batch["mask"], self.mask_mode)
 
 
 def build_dit(

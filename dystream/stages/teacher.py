@@ -22,10 +22,17 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativ
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from dystream.datamodules.keypoints import MOUTH
 from dystream.diffusion.sampling import AudioGuidance, sample_euler
 from dystream.diffusion.schedule import sample_training_sigma, sampling_sigmas
 from dystream.logs import announce_export
-from dystream.objectives.flow_matching import FlowMatchingConfig, draw_dropout_masks, flow_matching_loss
+from dystream.models.audio import MaskMode
+from dystream.objectives.flow_matching import (
+    FlowMatchingConfig,
+    draw_dropout_masks,
+    flow_matching_loss,
+    region_loss_weight,
+)
 from dystream.scale import exports_during_training, shards_parameters
 from dystream.stages.common import EMA
 from dystream.stages.conditioning import AvatarConditioner, DiTPresetName, build_dit, check_cached_latents
@@ -60,6 +67,12 @@ class TeacherStage(L.LightningModule):
         p_drop_reference: probability of dropping the reference frame.
         sample_steps: Euler steps when sampling (validation videos, predict).
         guidance_scale: classifier-free guidance scale over the audio conditions when sampling.
+        mask_mode: where the speaking mask applies: ``features`` (after the audio encoder, §3.2) or ``waveform``
+            (before it: Table 3's Pre-Mask ablation). Recorded in the export; generation follows it.
+        mouth_weight: extra weight of the flow-matching error on the latent cells that hold the lips (the batch's
+            keypoints, lip box enlarged by ``mouth_pad``): the mouth is one f8 latent cell of 64 and its opening is
+            what lip sync reads. 0 = the plain loss. Needs keypoints in the batch (clip shards).
+        mouth_pad: enlargement of the lip box on each side, as a fraction of its size.
         export_dir: where the hand-over files and predicted sample videos are written.
     """
 
@@ -84,11 +97,16 @@ class TeacherStage(L.LightningModule):
         p_drop_reference: ClosedUnitInterval = 0.05,
         sample_steps: PositiveInt = 20,
         guidance_scale: NonNegativeFloat = 3.0,
+        mask_mode: MaskMode = "features",
+        mouth_weight: NonNegativeFloat = 0.0,
+        mouth_pad: NonNegativeFloat = 0.5,
         export_dir: str = "runs/teacher",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.cond = AvatarConditioner(vae=vae, audio=audio, audio_weights=audio_weights, audio_seed=audio_seed)
+        self.cond = AvatarConditioner(
+            vae=vae, audio=audio, audio_weights=audio_weights, audio_seed=audio_seed, mask_mode=mask_mode
+        )
         self.dit = build_dit(dit_preset, self.cond, init_weights=init_weights, text_context=text_context)
         self.ema = EMA(self.dit, decay=ema_decay, start_step=ema_start_step)
         self.flow = FlowMatchingConfig(
@@ -132,7 +150,23 @@ class TeacherStage(L.LightningModule):
         eps = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
         masks = draw_dropout_masks(b, self.flow, generator=generator, device="cpu")
         masks = type(masks)(*(m.to(x0.device) for m in (masks.talk, masks.listen, masks.reference)))
-        return flow_matching_loss(self.denoiser(), x0, cond, sigma, eps, masks, self.flow)
+        weight = self.mouth_loss_weight(batch, x0) if self.hparams.mouth_weight > 0 else None
+        return flow_matching_loss(self.denoiser(), x0, cond, sigma, eps, masks, self.flow, weight=weight)
+
+    def mouth_loss_weight(self, batch: dict[str, Any], x0: Tensor) -> Tensor:
+        """``[B, 1, F - 1, h, w]``: 1 + mouth_weight on the generated frames' latent cells under the lips."""
+        kpts, video = batch.get("kpts"), batch.get("video")
+        if kpts is None or video is None:
+            raise KeyError(
+                "TeacherStage: mouth_weight > 0 needs the window's keypoints and frames in the batch ('kpts', 'video': "
+                "SpeakerVidDataModule on clip shards with KEY.kpts.npy); set mouth_weight: 0 otherwise"
+            )
+        latent_shape = tuple(x0.shape[2:])
+        latent_shape = (latent_shape[0] - self.flow.num_reference_frames, *latent_shape[1:])
+        return region_loss_weight(
+            kpts.to(x0.device), MOUTH, tuple(video.shape[-2:]), latent_shape, self.hparams.mouth_weight,
+            pad=self.hparams.mouth_pad,
+        )  # fmt: skip
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -205,7 +239,12 @@ class TeacherStage(L.LightningModule):
 
     @rank_zero_only
     def export(self) -> None:
-        extra = {"stage": "teacher", "step": int(self.global_step), "shift": float(self.flow.shift)}
+        extra = {
+            "stage": "teacher",
+            "step": int(self.global_step),
+            "shift": float(self.flow.shift),
+            "mask_mode": self.cond.mask_mode,
+        }
         save_model(self.ema.shadow, self.export_dir / "teacher.safetensors", arch="dit", extra=extra)
         save_model(self.cond.audio, self.export_dir / "audio.safetensors", arch="audio", extra=extra)
         announce_export(self, self.export_dir / "teacher.safetensors", "(EMA) and audio.safetensors")

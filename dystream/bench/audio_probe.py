@@ -1,0 +1,127 @@
+"""Do the frozen audio features carry what the avatar needs? Linear probes, random-init vs pretrained encoder.
+
+For each encoder, the per-video-frame features of the avatar's own voice (``AudioEncoder(audio_self)``,
+``[T, D]``) of training clips fit three linear probes, scored on held-out validation clips:
+
+- **mouth opening**: ridge regression onto the ground-truth inner-lip gap over the face scale (the clips' keypoint
+  labels, :func:`dystream.evaluation.mouth_voice.mouth_opening`); R² over all frames and over the speaking frames
+  only (syllable-level information: the speaking mask alone explains much of the variance over all frames);
+- **speech envelope**: ridge regression onto the per-frame RMS of the voice; R²;
+- **speaking vs silent**: logistic regression onto the speaking mask; accuracy.
+
+Features are standardised with the training clips' statistics; ridge weight ``1e-2`` per feature and frame.
+Encoders: the chain's random tiny encoder (preset ``tiny``, seed 0, what the teacher used before the audio stage)
+and the audio stage's export ``runs/audio/audio.safetensors`` when it exists (`make train RECIPE=audio`).
+
+    dystream bench audio_probe
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PRETRAINED = "runs/audio/audio.safetensors"
+RIDGE = 1e-2
+
+
+def probe_data(shards: str, clips: int) -> list[dict[str, np.ndarray]]:
+    """The first ``clips`` clips of ``shards``: voice, speaking mask, mouth opening, envelope."""
+    from dystream.datamodules.format import frame_rms, read_shards, resolve_shards, sample_to_clip
+    from dystream.datamodules.speakervid import synthesize_default
+    from dystream.evaluation.keypoints import DWPOSE_134
+    from dystream.evaluation.mouth_voice import mouth_opening
+
+    if not Path(shards).is_dir() and shards.startswith("data/synthetic"):
+        synthesize_default(Path(shards).parent, size=64, seed=0)  # the embedded default, as the DataModule writes it
+    out = []
+    for sample in read_shards(resolve_shards(shards).urls):
+        clip = sample_to_clip(sample)
+        if clip.kpts is None:
+            raise ValueError(f"audio probe: clip {clip.key} of {shards} has no keypoint labels (mouth opening)")
+        t = clip.n_frames
+        out.append(
+            dict(
+                voice=clip.audio_self[: t * 640].astype(np.float32),
+                mask=clip.mask[:t].astype(np.float64),
+                mouth=mouth_opening(clip.kpts[:t], DWPOSE_134),
+                envelope=frame_rms(clip.audio_self, t),
+            )
+        )
+        if len(out) == clips:
+            break
+    return out
+
+
+@torch.no_grad()
+def features(encoder: torch.nn.Module, data: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    return [encoder(torch.from_numpy(d["voice"])[None])[0].double().cpu().numpy() for d in data]
+
+
+def ridge_r2(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    """R² on the test set of a ridge regression (with intercept) fitted on the training set."""
+    a = np.c_[x_train, np.ones(len(x_train))]
+    reg = RIDGE * len(x_train) * np.eye(a.shape[1])
+    reg[-1, -1] = 0.0  # no penalty on the intercept
+    w = np.linalg.solve(a.T @ a + reg, a.T @ y_train)
+    pred = np.c_[x_test, np.ones(len(x_test))] @ w
+    return float(1.0 - ((y_test - pred) ** 2).sum() / ((y_test - y_test.mean()) ** 2).sum())
+
+
+def logistic_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    """Test accuracy of an L2-regularised logistic regression fitted with L-BFGS."""
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    w = torch.zeros(xt.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = xt @ w[:-1] + w[-1]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt) + RIDGE * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    logits = torch.from_numpy(x_test) @ w[:-1].detach() + w[-1].detach()
+    return float(((logits > 0).double() == torch.from_numpy(y_test)).double().mean())
+
+
+def probe(encoder: torch.nn.Module, train: list[dict], test: list[dict]) -> dict[str, float]:
+    """The three probes of one encoder (module docstring)."""
+    f_train, f_test = np.concatenate(features(encoder, train)), np.concatenate(features(encoder, test))
+    mu, sd = f_train.mean(0), f_train.std(0) + 1e-8
+    f_train, f_test = (f_train - mu) / sd, (f_test - mu) / sd
+    cat = {k: (np.concatenate([d[k] for d in train]), np.concatenate([d[k] for d in test])) for k in train[0]}
+    (m_tr, m_te), (s_tr, s_te) = cat["mouth"], cat["mask"]
+    ok_tr, ok_te = np.isfinite(m_tr), np.isfinite(m_te)
+    speech_tr, speech_te = ok_tr & (s_tr > 0.5), ok_te & (s_te > 0.5)
+    return {
+        "mouth opening R2": ridge_r2(f_train[ok_tr], m_tr[ok_tr], f_test[ok_te], m_te[ok_te]),
+        "mouth opening R2 in speech": ridge_r2(f_train[speech_tr], m_tr[speech_tr], f_test[speech_te], m_te[speech_te]),
+        "speech envelope R2": ridge_r2(f_train, cat["envelope"][0], f_test, cat["envelope"][1]),
+        "speaking accuracy": logistic_accuracy(f_train, s_tr, f_test, s_te),
+    }
+
+
+def encoders(pretrained: str | None = PRETRAINED) -> dict[str, torch.nn.Module]:
+    from dystream.stages.conditioning import build_audio_encoder
+
+    out = {"random init (tiny, seed 0)": build_audio_encoder("tiny", seed=0)}
+    if pretrained and Path(pretrained).is_file():
+        out[f"pretrained ({pretrained})"] = build_audio_encoder(pretrained)
+    return out
+
+
+def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
+    train = probe_data("data/synthetic/train", 16 if quick else 64)
+    test = probe_data("data/synthetic/val", 16)
+    figures: dict[str, Any] = {"clips (train / test)": f"{len(train)} / {len(test)}"}
+    for name, encoder in encoders().items():
+        for figure, value in probe(encoder.to(device), train, test).items():
+            figures[f"{name}: {figure}"] = value
+    if len(figures) == 1 + 4:
+        figures["note"] = f"no {PRETRAINED}: train it with `make train RECIPE=audio` to compare"
+    return figures

@@ -1,0 +1,168 @@
+"""Audio pretraining (wav2vec 2.0 on the shards' speech), its hand-over to the teacher, the Pre-Mask switch, and the
+teacher's mouth-weighted loss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dystream.diffusion.sampling import LISTEN_KEY, TALK_KEY
+from dystream.models.audio import AudioEncoder, audio_conditions, mask_waveforms
+from dystream.models.vae import ReferenceGuidedVAE, VAEConfig
+from dystream.stages.audio_pretrain import AudioPretrainStage
+from dystream.stages.conditioning import build_audio_encoder
+from dystream.zoo.files import save_model
+
+T = 48  # video frames: 96 feature steps
+
+
+def _speech(b: int = 4, t: int = T, seed: int = 0) -> dict:
+    """Harmonic bursts with per-row pitch and syllable rate (structure a contrastive model can predict) + noise."""
+    g = torch.Generator().manual_seed(seed)
+    n = t * 640
+    time = torch.arange(n) / 16000
+    f0 = 120 + 80 * torch.rand(b, 1, generator=g)
+    rate = 3 + 3 * torch.rand(b, 1, generator=g)
+    envelope = torch.relu(torch.sin(2 * math.pi * rate * time))
+    voice = envelope * sum(torch.sin(2 * math.pi * k * f0 * time) / k for k in range(1, 4))
+    noise = 0.05 * torch.randn(b, n, generator=g)
+    return {"audio_self": voice + noise, "audio_other": noise.roll(1, 0)}
+
+
+def test_pretraining_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    np.random.seed(0)  # the masking and negative-sampling helpers draw from numpy's global generator
+    stage = AudioPretrainStage(num_negatives=10)
+    batch = _speech()
+    opt = torch.optim.AdamW(stage.model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        stage.model.set_gumbel_temperature(stage.gumbel_temperature(step))
+        loss = stage.losses(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(11), abs=0.6)  # about chance: the target among 10 distractors
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.15, losses  # seeds 0-3: falls by 0.24-0.39
+
+
+def test_validation_masks_are_fixed_and_training_masks_are_not():
+    stage = AudioPretrainStage()
+    a = stage.masks(4, T * 640 + 80, np.random.default_rng(1))[0]
+    b = stage.masks(4, T * 640 + 80, np.random.default_rng(1))[0]
+    assert torch.equal(a, b) and 0.2 < a.float().mean() < 0.8
+    c, d = stage.masks(4, T * 640 + 80, None)[0], stage.masks(4, T * 640 + 80, None)[0]
+    assert not torch.equal(c, d)
+
+
+def test_export_loads_strictly_and_stays_frozen_in_the_teacher(tmp_path):
+    from dystream.stages.teacher import TeacherStage
+
+    stage = AudioPretrainStage(export_dir=str(tmp_path / "audio"))
+    with torch.no_grad():
+        next(stage.model.wav2vec2.encoder.parameters()).add_(1.0)  # "pretrained": differs from the random init
+    stage.export()
+    path = tmp_path / "audio" / "audio.safetensors"
+    encoder = build_audio_encoder(str(path))
+    assert isinstance(encoder, AudioEncoder)
+    exported = encoder.wav2vec2.state_dict()
+    assert exported.keys() == stage.model.wav2vec2.state_dict().keys()
+    for name, p in stage.model.wav2vec2.state_dict().items():
+        assert torch.equal(p, exported[name]), name
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.train().training
+
+    vae = save_model(ReferenceGuidedVAE(VAEConfig.from_preset("tiny")), tmp_path / "vae.safetensors", arch="vae")
+    teacher = TeacherStage(vae=str(vae), audio=str(path), export_dir=str(tmp_path / "teacher"))
+    teacher.train()
+    assert not teacher.cond.audio.training and not any(p.requires_grad for p in teacher.cond.audio.parameters())
+    assert torch.equal(teacher.cond.audio.wav2vec2.encoder.pos_conv_embed.conv.bias,
+                       encoder.wav2vec2.encoder.pos_conv_embed.conv.bias)  # fmt: skip
+
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    dropped = sorted(tensors)[3]
+    del tensors[dropped]
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, str(broken), metadata=metadata)
+    with pytest.raises(Exception, match="Missing|missing"):
+        build_audio_encoder(str(broken))
+
+
+def test_bad_recipe_values_are_refused_with_the_field_named():
+    with pytest.raises(ValueError, match="mask_time_prob"):
+        AudioPretrainStage(mask_time_prob=1.5)
+    with pytest.raises(ValueError, match="codevector_dim"):
+        AudioPretrainStage(codevector_dim=63, num_codevector_groups=2)
+    stage = AudioPretrainStage(mask_time_length=10)
+    with pytest.raises(ValueError, match="window_frames"):
+        stage.losses(_speech(t=4))  # 8 feature steps < 2 spans of 10
+    with pytest.raises(KeyError, match="audio_other"):
+        stage.losses({"audio_self": torch.zeros(2, T * 640)})
+
+
+def test_pre_mask_and_post_mask_differ_exactly_as_they_should():
+    torch.manual_seed(0)
+    encoder = AudioEncoder("tiny")
+    batch = _speech(b=2, t=16)
+    ones = torch.ones(2, 16)
+    post = audio_conditions(encoder, batch["audio_self"], batch["audio_other"], ones)
+    pre = audio_conditions(encoder, batch["audio_self"], batch["audio_other"], ones, mask_mode="waveform")
+    torch.testing.assert_close(pre[TALK_KEY], post[TALK_KEY], rtol=0, atol=0)  # an all-ones mask: the same thing
+
+    mask = (torch.arange(16) < 8).float().expand(2, 16).clone()
+    masked_self, masked_other = mask_waveforms(batch["audio_self"], batch["audio_other"], mask)
+    speaking = mask.repeat_interleave(640, dim=1).bool()
+    assert torch.all(masked_self[~speaking] == 0) and torch.equal(masked_self[speaking], batch["audio_self"][speaking])
+    assert torch.all(masked_other[speaking] == 0) and torch.equal(
+        masked_other[~speaking], batch["audio_other"][~speaking]
+    )
+
+    post = audio_conditions(encoder, batch["audio_self"], batch["audio_other"], mask)
+    pre = audio_conditions(encoder, batch["audio_self"], batch["audio_other"], mask, mask_mode="waveform")
+    assert torch.all(post[TALK_KEY][:, 8:] == 0) and torch.all(post[LISTEN_KEY][:, :8] == 0)
+    assert (pre[TALK_KEY][:, 8:].abs().sum(-1) > 0).all()  # features of silence, not zeros
+    assert not torch.allclose(pre[TALK_KEY][:, 8:], post[TALK_KEY][:, 8:])
+    with pytest.raises(ValueError, match="mask_mode"):
+        audio_conditions(encoder, batch["audio_self"], batch["audio_other"], mask, mask_mode="before")
+
+
+def test_teacher_mouth_weight_needs_keypoints_and_weights_the_lip_cells(tmp_path):
+    from dystream.datamodules.keypoints import MOUTH, NUM_KEYPOINTS
+    from dystream.stages.teacher import TeacherStage
+
+    vae = save_model(ReferenceGuidedVAE(VAEConfig.from_preset("tiny")), tmp_path / "vae.safetensors", arch="vae")
+    stage = TeacherStage(vae=str(vae), mouth_weight=4.0, export_dir=str(tmp_path / "t"), mask_mode="waveform")
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(2, 3, 8, 64, 64, generator=g) * 2 - 1
+    batch = {
+        "video": video,
+        "references": video[:, :, :1].transpose(1, 2).clone(),
+        "audio_self": torch.randn(2, 8 * 640, generator=g) * 0.1,
+        "audio_other": torch.randn(2, 8 * 640, generator=g) * 0.1,
+        "mask": torch.ones(2, 8),
+    }
+    with pytest.raises(KeyError, match="mouth_weight"):
+        stage._loss(batch)
+    kpts = torch.zeros(2, 8, NUM_KEYPOINTS, 3)
+    kpts[:, :, MOUTH, 0] = torch.linspace(28.0, 36.0, MOUTH.stop - MOUTH.start)  # lips in latent column 3 and 4
+    kpts[:, :, MOUTH, 1] = torch.linspace(43.0, 46.0, MOUTH.stop - MOUTH.start)  # latent row 5
+    kpts[:, :, MOUTH, 2] = 1.0
+    batch["kpts"] = kpts
+    x0 = stage.cond.batch_latents(batch)
+    weight = stage.mouth_loss_weight(batch, x0)
+    assert weight.shape == (2, 1, x0.shape[2] - 1, 8, 8)
+    assert set(weight.unique().tolist()) == {1.0, 5.0} and torch.all(weight[:, :, :, 5, 3:5] == 5.0)
+    loss, _ = stage._loss(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    stage.export()
+    from dystream.zoo.files import read_metadata
+
+    assert read_metadata(tmp_path / "t" / "teacher.safetensors")[2]["mask_mode"] == "waveform"
