@@ -14,7 +14,7 @@ from dystream.diffusion.sampling import LISTEN_KEY, TALK_KEY
 from dystream.models.audio import AudioEncoder, audio_conditions, mask_waveforms
 from dystream.models.vae import ReferenceGuidedVAE, VAEConfig
 from dystream.stages.audio_pretrain import AudioPretrainStage
-from dystream.stages.conditioning import build_audio_encoder
+from dystream.stages.conditioning import build_audio_encoder, teacher_mask_mode
 from dystream.zoo.files import save_model
 
 T = 48  # video frames: 96 feature steps
@@ -166,3 +166,5 @@ def test_teacher_mouth_weight_needs_keypoints_and_weights_the_lip_cells(tmp_path
     from dystream.zoo.files import read_metadata
 
     assert read_metadata(tmp_path / "t" / "teacher.safetensors")[2]["mask_mode"] == "waveform"
+    assert teacher_mask_mode(tmp_path / "t" / "teacher.safetensors") == "waveform"  # ODE pairs, students follow it
+    assert teacher_mask_mode(tmp_path / "missing.safetensors") == "features"

@@ -21,6 +21,7 @@ from dystream.models.audio import AudioEncoder, AudioEncoderConfig, MaskMode, au
 from dystream.models.dit import AvatarDiT, DiTConfig
 from dystream.stages.common import freeze, load_frozen
 from dystream.zoo import is_entry, load_text_context, load_weights, resolve
+from dystream.zoo.files import WeightFileError, read_metadata
 
 DiTPresetName = Literal["tiny", "mini", "mini-p4", "small", "wan2.2-ti2v-5b"]
 
@@ -41,6 +42,23 @@ def build_audio_encoder(audio: str, weights: str | None = None, seed: int = 0) -
     if weights is not None:
         load_wav2vec2_weights(encoder, resolve(weights))
     return freeze(encoder)
+
+
+def teacher_mask_mode(teacher: str | Path) -> MaskMode:
+    """Where the speaking mask applies for stages built on ``teacher``: the mode its export records.
+
+    The teacher stage records ``mask_mode`` (``features``, §3.2, or ``waveform``, Table 3's Pre-Mask) in its export;
+    the ODE pairs and the students condition the teacher the way it was trained. Files without the record (base
+    weights, older exports) give ``features``.
+    """
+    try:
+        _, _, extra = read_metadata(resolve(teacher))
+    except (WeightFileError, FileNotFoundError):
+        return "features"
+    mode = extra.get("mask_mode", "features")
+    if mode not in ("features", "waveform"):
+        raise ValueError(f"teacher_mask_mode: {teacher} records mask_mode {mode!r}; expected features or waveform")
+    return mode
 
 
 class AvatarConditioner(nn.Module):

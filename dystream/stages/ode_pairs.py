@@ -42,7 +42,7 @@ from dystream.datamodules.ode_pairs import (
 from dystream.diffusion.sampling import AudioGuidance, sample_euler
 from dystream.diffusion.schedule import nearest_step_indices, sampling_sigmas, student_sigmas
 from dystream.stages.common import freeze, teacher_shift
-from dystream.stages.conditioning import AvatarConditioner, build_dit
+from dystream.stages.conditioning import AvatarConditioner, build_dit, teacher_mask_mode
 
 TeacherAttention = Literal["bidirectional", "block_causal"]
 
@@ -102,7 +102,7 @@ class ODEPairsStage(L.LightningModule):
             raise ValueError(
                 f"ODEPairsStage.teacher_attention must be bidirectional or block_causal, got {teacher_attention!r}"
             )
-        self.cond = AvatarConditioner(vae=vae, audio=audio)
+        self.cond = AvatarConditioner(vae=vae, audio=audio, mask_mode=teacher_mask_mode(teacher))
         self.teacher = freeze(build_dit("tiny", self.cond, init_weights=teacher))  # frozen here and only here
         self.guidance = AudioGuidance(scale=guidance_scale)
         self.out_dir = Path(out_dir)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from dystream.objectives.ode_regression import gather_chunk_states, ode_regression_loss
 from dystream.stages.common import EMA
-from dystream.stages.conditioning import AvatarConditioner
+from dystream.stages.conditioning import AvatarConditioner, teacher_mask_mode
 from dystream.stages.ode_pairs import pad_audio
 from dystream.stages.student import StudentStage, build_student
 
@@ -81,7 +81,7 @@ class ODEInitStage(StudentStage):
         self.save_hyperparameters()
         if context not in ("noisy", "clean"):
             raise ValueError(f"ODEInitStage.context must be 'noisy' or 'clean', got {context!r}")
-        self.cond = AvatarConditioner(vae=vae, audio=audio)
+        self.cond = AvatarConditioner(vae=vae, audio=audio, mask_mode=teacher_mask_mode(teacher))
         self.student = build_student(teacher, self.cond, student_overrides)
         self.ema = EMA(self.student, decay=ema_decay, start_step=ema_start_step)
         self.export_dir = Path(export_dir)

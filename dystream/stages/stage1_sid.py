@@ -46,7 +46,7 @@ from dystream.diffusion.sampling import AudioGuidance, predict_x0
 from dystream.diffusion.schedule import add_noise, expand_sigma, frame_sigmas
 from dystream.objectives.sid import SiDWeighting, fake_score_loss, sid_generator_loss
 from dystream.stages.common import EMA, freeze
-from dystream.stages.conditioning import AvatarConditioner, build_dit
+from dystream.stages.conditioning import AvatarConditioner, build_dit, teacher_mask_mode
 from dystream.stages.student import StudentStage, build_student, frozen
 
 
@@ -123,7 +123,7 @@ class SiDStage(StudentStage):
         if weighting not in ("legacy", "one_minus_sigma"):
             raise ValueError(f"SiDStage.weighting must be 'legacy' or 'one_minus_sigma', got {weighting!r}")
         self.automatic_optimization = False
-        self.cond = AvatarConditioner(vae=vae, audio=audio)
+        self.cond = AvatarConditioner(vae=vae, audio=audio, mask_mode=teacher_mask_mode(teacher))
         self.student = build_student(student, self.cond, student_overrides)
         self.teacher = freeze(build_dit("tiny", self.cond, init_weights=teacher))  # frozen here and only here
         self.fake_score = build_student(teacher, self.cond)  # trainable copy of the teacher

@@ -74,7 +74,7 @@ from dystream.objectives.gan import (
     gradient_penalty,
 )
 from dystream.stages.common import EMA
-from dystream.stages.conditioning import AvatarConditioner, build_dit, check_cached_latents
+from dystream.stages.conditioning import AvatarConditioner, build_dit, check_cached_latents, teacher_mask_mode
 from dystream.stages.student import StudentStage, build_student, frame_features, frozen, latent_mse
 
 DiscriminatorPresetName = Literal["tiny", "wan2.2-ti2v-5b"]
@@ -186,7 +186,7 @@ class GANStage(StudentStage):
         if frame_weight == 0 and (global_weight == 0 or not global_branch):
             raise ValueError("GANStage: frame_weight and global_weight (or global_branch) leave no loss at all")
         self.automatic_optimization = False
-        self.cond = AvatarConditioner(vae=vae, audio=audio)
+        self.cond = AvatarConditioner(vae=vae, audio=audio, mask_mode=teacher_mask_mode(teacher))
         self.student = build_student(student, self.cond, student_overrides)
         # the preset is unused when weights are given
         backbone = build_dit("tiny", self.cond, init_weights=teacher, text_context=text_context)
