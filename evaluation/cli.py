@@ -304,7 +304,7 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
             rows.append(Row(spec.name, spec.kind, values, steps=spec.steps, resolution=res, time_per_5s=reason))
             continue
         values = _score(suite, clips, np.stack(out.videos), real).values
-        if cfg.swapped_voice:
+        if cfg.swapped_voice and not spec.drop_partner:  # (a partner-less row answers another question)
             log(f"eval: generating {n} clips with {spec.name}, driven by another clip's voice")
             swapped = generate(spec, clips.references, np.roll(clips.audio_self, -1, axis=0), clips.audio_other,
                                clips.masks, seed=cfg.seed, batch_size=cfg.batch_size, device=device)  # fmt: skip
@@ -330,8 +330,14 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
         + (" Not comparable with SyncNet v2 numbers." if sync_name != "SyncNet v2" else ""),
         f"HKV, LBKV/LHKV/LFKV: keypoints of {pose_name} (dwpose134 layout, px^2 at a 512-pixel frame height, tau 0.3, "
         "listening segments >= 25 frames); the exact-keypoints row uses the clips' keypoint labels.",
-        f"Identity drift: RMS difference of 64x64 frames to the reference image in [0, 1] (pixel_rms_64: appearance, "
-        f"not identity), buckets of {cfg.metrics.drift_bucket_s:g} s, slope by least squares.",
+        (
+            f"Identity drift: cosine distance of each frame's identity embedding to the reference image's, distance "
+            f"{suite.drift_distance}"
+            if suite.identity is not None
+            else "Identity drift: RMS difference of 64x64 frames to the reference image in [0, 1] (pixel_rms_64: "
+            "appearance, not identity; the identity network is missing)"
+        )
+        + f", buckets of {cfg.metrics.drift_bucket_s:g} s, slope by least squares.",
         f"Time: wall time per clip (audio features, DiT, VAE decode) scaled to 5 s of video, device {cfg.device} "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), batch "
         f"{cfg.batch_size}.",
@@ -343,6 +349,7 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
         "frames": t,
         "resolution": res,
         "unavailable": suite.unavailable,
+        "drift_distance": suite.drift_distance,
         "weights": {k: (v.as_dict() if v else None) for k, v in suite.weights.items()},
         "config": dataclasses.asdict(cfg),
         "per_video": {"ground_truth": gt.per_video},
@@ -366,6 +373,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--syncnet", default=None, help="synthetic SyncNet file (default: the recipe's metrics.syncnet)"
     )
     parser.add_argument("--pose", default=None, help="synthetic pose network file (default: the recipe's metrics.pose)")
+    parser.add_argument(
+        "--identity",
+        default=None,
+        help="identity network for drift: identity.safetensors or ArcFace backbone.pth (default: metrics.identity)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -381,6 +393,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.metrics = dataclasses.replace(cfg.metrics, syncnet=args.syncnet)
     if args.pose is not None:
         cfg.metrics = dataclasses.replace(cfg.metrics, pose=args.pose)
+    if args.identity is not None:
+        cfg.metrics = dataclasses.replace(cfg.metrics, identity=args.identity)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows, notes, meta = evaluate(cfg)

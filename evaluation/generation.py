@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dystream.diffusion.sampling import LISTEN_KEY
+
 __all__ = ["GeneratedSet", "ModelSpec", "clip_batch", "generate"]
 
 FPS = 25
@@ -46,6 +48,8 @@ class ModelSpec:
         guidance_scale: teacher audio CFG scale.
         shift: teacher timestep shift; None = the one the teacher export records (its training shift).
         cache_write: student cache write ("noisy", the paper's, or "clean").
+        drop_partner: generate with the partner's audio dropped (the listen condition zeroed, as the training's
+            condition dropout does): the reference for how much of the listening motion the partner's voice drives.
     """
 
     name: str
@@ -58,6 +62,7 @@ class ModelSpec:
     guidance_scale: float = 3.0
     shift: float | None = None
     cache_write: Literal["noisy", "clean"] = "noisy"
+    drop_partner: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("teacher", "student"):
@@ -139,6 +144,8 @@ class _Generator:
         reference = batch["references"][:, 0]
         z_ref = self.cond.encode_reference(reference)  # [B, z, 1, h, w]
         cond = self.cond.audio_conditions(batch)
+        if self.spec.drop_partner:  # the listen condition as the training's dropout leaves it
+            cond = {**cond, LISTEN_KEY: torch.zeros_like(cond[LISTEN_KEY])}
         if self.spec.kind == "teacher":
             n_latent = 1 + math.ceil(frames / 4)
             # drawn as TeacherStage.sample draws it (all frames, the first replaced by the reference)

@@ -67,6 +67,21 @@ def test_teacher_row_reproduces_teacher_stage_sampling(files):
     np.testing.assert_array_equal(np.stack(out.videos), expect)
 
 
+def test_partner_dropped_row_equals_sampling_with_a_silent_partner_while_listening(files):
+    """Zeroing the listen condition = a partner whose audio features are 0 where the avatar listens; with the
+    speaking mask at 1 everywhere the listen condition is 0 anyway, so dropping it changes nothing."""
+    base = ModelSpec("teacher", "teacher", files["teacher"], vae=files["vae"], audio=files["audio"], steps=2)
+    dropped = ModelSpec(**{**base.__dict__, "name": "dropped", "drop_partner": True})
+    refs, a_self, a_other, masks = _clips()
+    own = np.stack(generate(base, refs, a_self, a_other, masks, seed=3, batch_size=2).videos)
+    assert not np.array_equal(own, np.stack(generate(dropped, refs, a_self, a_other, masks, seed=3).videos))
+    speaking = np.ones_like(masks)
+    np.testing.assert_array_equal(
+        np.stack(generate(base, refs, a_self, a_other, speaking, seed=3, batch_size=2).videos),
+        np.stack(generate(dropped, refs, a_self, a_other, speaking, seed=3, batch_size=2).videos),
+    )
+
+
 def test_student_row_is_a_seeded_rollout(files):
     spec = ModelSpec("student", "student", files["student"])  # vae and audio from the export's metadata
     refs, a_self, a_other, masks = _clips()
