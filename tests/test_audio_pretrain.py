@@ -168,3 +168,17 @@ def test_teacher_mouth_weight_needs_keypoints_and_weights_the_lip_cells(tmp_path
     assert read_metadata(tmp_path / "t" / "teacher.safetensors")[2]["mask_mode"] == "waveform"
     assert teacher_mask_mode(tmp_path / "t" / "teacher.safetensors") == "waveform"  # ODE pairs, students follow it
     assert teacher_mask_mode(tmp_path / "missing.safetensors") == "features"
+
+
+def test_audio_probe_scores_linear_targets_high_and_noise_near_zero():
+    from dystream.bench.audio_probe import logistic_accuracy, ridge_r2
+
+    rng = np.random.default_rng(0)
+    x_train, x_test = rng.standard_normal((400, 8)), rng.standard_normal((200, 8))
+    w = rng.standard_normal(8)
+    assert ridge_r2(x_train, x_train @ w + 3.0, x_test, x_test @ w + 3.0) > 0.99
+    noise = ridge_r2(x_train, rng.standard_normal(400), x_test, rng.standard_normal(200))
+    assert -0.2 < noise < 0.05
+    assert logistic_accuracy(x_train, (x_train @ w > 0).astype(float), x_test, (x_test @ w > 0).astype(float)) > 0.95
+    coin = logistic_accuracy(x_train, rng.integers(0, 2, 400).astype(float), x_test, rng.integers(0, 2, 200) * 1.0)
+    assert 0.3 < coin < 0.7

@@ -13,7 +13,7 @@ Features are standardised with the training clips' statistics; ridge weight ``1e
 Encoders: the chain's random tiny encoder (preset ``tiny``, seed 0, what the teacher used before the audio stage)
 and the audio stage's export ``runs/audio/audio.safetensors`` when it exists (`make train RECIPE=audio`).
 
-    dystream bench audio_probe
+    dystream bench audio-probe
 """
 
 from __future__ import annotations

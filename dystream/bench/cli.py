@@ -41,7 +41,7 @@ PARTS = {
     "vae": "dystream.bench.vae",
     "metrics": "dystream.bench.metrics",
     "audio": "dystream.bench.audio",
-    "audio_probe": "dystream.bench.audio_probe",
+    "audio-probe": "dystream.bench.audio_probe",
     "training": "dystream.bench.training",
     "streaming": "dystream.bench.streaming",
     "serve": "dystream.bench.serve",
