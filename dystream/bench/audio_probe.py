@@ -106,6 +106,15 @@ def probe(encoder: torch.nn.Module, train: list[dict], test: list[dict]) -> dict
     }
 
 
+def render_table(table: dict[str, dict[str, float]]) -> str:
+    """Markdown table: one row per probe, one column per encoder."""
+    names = list(table)
+    lines = ["| probe (val clips) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for figure in next(iter(table.values())):
+        lines.append(f"| {figure} | " + " | ".join(f"{table[n][figure]:.3f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def encoders(pretrained: str | None = PRETRAINED) -> dict[str, torch.nn.Module]:
     from dystream.stages.conditioning import build_audio_encoder
 
@@ -119,9 +128,12 @@ def run(quick: bool = True, device: str = "cpu") -> dict[str, Any]:
     train = probe_data("data/synthetic/train", 16 if quick else 64)
     test = probe_data("data/synthetic/val", 16)
     figures: dict[str, Any] = {"clips (train / test)": f"{len(train)} / {len(test)}"}
+    table: dict[str, dict[str, float]] = {}
     for name, encoder in encoders().items():
-        for figure, value in probe(encoder.to(device), train, test).items():
+        table[name] = probe(encoder.to(device), train, test)
+        for figure, value in table[name].items():
             figures[f"{name}: {figure}"] = value
+    print(render_table(table), flush=True)
     if len(figures) == 1 + 4:
         figures["note"] = f"no {PRETRAINED}: train it with `make train RECIPE=audio` to compare"
     return figures
