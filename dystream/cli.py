@@ -41,6 +41,7 @@ TOOL_COMMANDS = {
     "consolidate": "dystream.consolidate",
     "chain": "dystream.chain",
     "demo": "dystream.streaming.demo",
+    "ablation": "dystream.ablation",
 }
 
 

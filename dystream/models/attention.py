@@ -74,6 +74,9 @@ class CausalLayout:
         rapr_max_distance: ``D``, the cap on the current chunk's start index (paper: 10);
             must be ``>= sink_frames + window_frames``.
         rope_max_positions: RoPE table length (Wan2.2: 1024).
+        reference_sink: keep the reference frame in the sink (default). ``False`` is the Self-Forcing baseline
+            of StreamAvatar Table 1 (no sink): needs ``sink_chunks = 0``; the cache is then a pure rolling window
+            of the last ``window_frames`` frames, the reference included until the window evicts it.
     """
 
     chunk_frames: int = 3
@@ -82,6 +85,7 @@ class CausalLayout:
     rapr: bool = True
     rapr_max_distance: int = 10
     rope_max_positions: int = 1024
+    reference_sink: bool = True
 
     def __post_init__(self) -> None:
         c = self.chunk_frames
@@ -89,6 +93,11 @@ class CausalLayout:
             raise ValueError(f"CausalLayout.chunk_frames must be >= 1, got {c}")
         if self.sink_chunks < 0:
             raise ValueError(f"CausalLayout.sink_chunks must be >= 0, got {self.sink_chunks}")
+        if not self.reference_sink and self.sink_chunks != 0:
+            raise ValueError(
+                f"CausalLayout.reference_sink=False (no Reference Sink) needs sink_chunks=0, got {self.sink_chunks}: "
+                "a sink of generated chunks without the reference is not a layout of the paper"
+            )
         if self.window_frames is not None and (self.window_frames < 0 or self.window_frames % c != 0):
             raise ValueError(
                 f"CausalLayout.window_frames must be None or a non-negative multiple of chunk_frames={c} "
@@ -111,6 +120,9 @@ class CausalLayout:
 
     @property
     def sink_frames(self) -> int:
+        """Frames never evicted: the reference + ``sink_chunks`` chunks; 0 without a reference sink."""
+        if not self.reference_sink:
+            return 0
         return 1 + self.sink_chunks * self.chunk_frames
 
     @property

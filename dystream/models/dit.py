@@ -113,6 +113,7 @@ class DiTConfig:
     window_frames: int | None = 6  # rolling window of non-sink frames; None = unlimited (no eviction)
     rapr: bool = True
     rapr_max_distance: int = 10  # D
+    reference_sink: bool = True  # False: no sink, the reference is evicted like any frame (Self-Forcing baseline)
     # --- execution ---
     attention_backend: str = "sdpa"  # "sdpa" | "flex" (flex: block-causal without RAPR, CUDA only)
     gradient_checkpointing: bool = False  # activation checkpointing per block while training
@@ -168,6 +169,7 @@ class DiTConfig:
             rapr=self.rapr,
             rapr_max_distance=self.rapr_max_distance,
             rope_max_positions=self.rope_max_positions,
+            reference_sink=self.reference_sink,
         )
 
     @property

@@ -43,7 +43,15 @@ from dystream.stages.conditioning import AvatarConditioner, build_dit
 from dystream.zoo.files import save_model
 
 # DiTConfig fields a student may change: the block-causal layout and execution, no parameter shapes
-LAYOUT_FIELDS = ("chunk_frames", "sink_chunks", "window_frames", "rapr", "rapr_max_distance", "gradient_checkpointing")
+LAYOUT_FIELDS = (
+    "chunk_frames",
+    "sink_chunks",
+    "window_frames",
+    "rapr",
+    "rapr_max_distance",
+    "reference_sink",
+    "gradient_checkpointing",
+)
 
 
 def build_student(weights: str, cond: AvatarConditioner, overrides: dict[str, Any] | None = None) -> AvatarDiT:
