@@ -79,6 +79,8 @@ def test_export_loads_strictly_and_stays_frozen_in_the_teacher(tmp_path):
     vae = save_model(ReferenceGuidedVAE(VAEConfig.from_preset("tiny")), tmp_path / "vae.safetensors", arch="vae")
     teacher = TeacherStage(vae=str(vae), audio=str(path), export_dir=str(tmp_path / "teacher"))
     teacher.train()
+    with pytest.raises(ValueError, match="mask_mode"):
+        TeacherStage(vae=str(vae), audio=str(path), mask_mode="before")
     assert not teacher.cond.audio.training and not any(p.requires_grad for p in teacher.cond.audio.parameters())
     assert torch.equal(teacher.cond.audio.wav2vec2.encoder.pos_conv_embed.conv.bias,
                        encoder.wav2vec2.encoder.pos_conv_embed.conv.bias)  # fmt: skip
@@ -125,8 +127,17 @@ def test_pre_mask_and_post_mask_differ_exactly_as_they_should():
         masked_other[~speaking], batch["audio_other"][~speaking]
     )
 
+    heard = []
+    hook = encoder.register_forward_pre_hook(lambda module, args: heard.append(args[0].clone()))
     post = audio_conditions(encoder, batch["audio_self"], batch["audio_other"], mask)
     pre = audio_conditions(encoder, batch["audio_self"], batch["audio_other"], mask, mask_mode="waveform")
+    hook.remove()
+    both = torch.cat([batch["audio_self"], batch["audio_other"]])
+    assert torch.equal(heard[0], both)  # features mode: the encoder hears both full tracks
+    heard_self, heard_other = heard[1][:2], heard[1][2:]  # waveform mode: what the encoder really receives
+    assert torch.all(heard_self[~speaking] == 0) and torch.equal(heard_self[speaking], batch["audio_self"][speaking])
+    assert torch.all(heard_other[speaking] == 0)
+    assert torch.equal(heard_other[~speaking], batch["audio_other"][~speaking])
     assert torch.all(post[TALK_KEY][:, 8:] == 0) and torch.all(post[LISTEN_KEY][:, :8] == 0)
     assert (pre[TALK_KEY][:, 8:].abs().sum(-1) > 0).all()  # features of silence, not zeros
     assert not torch.allclose(pre[TALK_KEY][:, 8:], post[TALK_KEY][:, 8:])

@@ -73,6 +73,8 @@ class AvatarConditioner(nn.Module):
         mask_mode: MaskMode = "features",
     ) -> None:
         super().__init__()
+        if mask_mode not in ("features", "waveform"):
+            raise ValueError(f"AvatarConditioner: mask_mode must be 'features' or 'waveform', got {mask_mode!r}")
         self.vae = load_frozen(vae, "vae")
         self.audio = build_audio_encoder(audio, audio_weights, audio_seed)
         self.mask_mode = mask_mode  # where the speaking mask applies: "features" (§3.2) or "waveform" (Table 3)
