@@ -8,7 +8,9 @@ minute, which is the drift rate.
 The embedding is any callable mapping uint8 RGB frames [N, H, W, 3] to features [N, D] (e.g. a face-recognition or
 DINO network whose weights are provided), compared by cosine distance 1 - cos. Without one, the pixel-space fallback
 compares frames downsampled to 64x64 (area average, which ignores high-frequency noise) by root mean square difference
-in [0, 1] units; it measures appearance drift, not identity, and is labelled "pixel_rms_64".
+in [0, 1] units; it measures appearance drift, not identity, and is labelled "pixel_rms_64". An embedder with a
+`name` attribute (e.g. the synthetic identity network, `load_metric_identity`) labels the distance
+"cosine (<name>)"; `identity_similarity` gives 1 - cosine distance per frame.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DriftSummary", "frame_distances", "identity_drift", "pixel_embedding", "summarise_drift"]
+__all__ = [
+    "DriftSummary",
+    "distance_name",
+    "frame_distances",
+    "identity_drift",
+    "identity_similarity",
+    "pixel_embedding",
+    "summarise_drift",
+]
 
 Embedder = Callable[[np.ndarray], np.ndarray]  # uint8 [N, H, W, 3] -> [N, D]
 
@@ -59,6 +69,23 @@ def frame_distances(
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def distance_name(embed: Embedder | None) -> str:
+    """The label of the distance `frame_distances` computes with `embed`: "pixel_rms_64", "cosine" or
+    "cosine (<embed.name>)"."""
+    if embed is None:
+        return "pixel_rms_64"
+    name = getattr(embed, "name", None)
+    return f"cosine ({name})" if name else "cosine"
+
+
+def identity_similarity(frames: np.ndarray, reference: np.ndarray, embed: Embedder) -> np.ndarray:
+    """Cosine similarity of every frame [T, H, W, 3] to the reference [H, W, 3] in the embedding `embed` -> [T]
+    (1 - the cosine distance of `frame_distances`; uint8 RGB input)."""
+    if embed is None:
+        raise ValueError("identity_similarity needs an embedder (e.g. load_metric_identity()); pixel RMS is no cosine")
+    return 1.0 - frame_distances(frames, reference, embed)
+
+
 @dataclass
 class DriftSummary:
     bucket_start_s: np.ndarray  # [B] start time of each bucket (s)
@@ -69,7 +96,7 @@ class DriftSummary:
     slope_per_min: float  # least-squares slope of d_t against time, per minute
     first_bucket_mean: float
     last_bucket_mean: float
-    distance: str  # "cosine" or "pixel_rms_64"
+    distance: str  # "pixel_rms_64", "cosine" or "cosine (<embedder name>)"
 
     def as_dict(self) -> dict:
         return {
@@ -121,4 +148,4 @@ def identity_drift(
 ) -> DriftSummary:
     """Distance of each frame to the reference, summarised per `bucket_s`-second bucket (see module docstring)."""
     d = frame_distances(frames, reference, embed)
-    return summarise_drift(d, fps=fps, bucket_s=bucket_s, distance="cosine" if embed is not None else "pixel_rms_64")
+    return summarise_drift(d, fps=fps, bucket_s=bucket_s, distance=distance_name(embed))

@@ -12,7 +12,7 @@ Metrics (docs/evaluation.md for each protocol):
 | `hkc`, `hkv`, `lbkv`, `lhkv`, `lfkv` | keypoint metrics on the synthetic pose network's keypoints | `metric_pose` |
 | `mouth_voice_r`, `mouth_voice_r_speech` | r of lip gap and voice loudness, all / speaking frames | `metric_pose` |
 | `<sync/mouth key>_other` | the same, against `EvalVideo.other_audio` (keypoints, lip embeddings reused) | as above |
-| `drift_*` | identity drift (distance to the reference image; pixel RMS at 64x64 without an embedding) | nothing |
+| `drift_*` | identity drift: cosine distance to the reference, else 64x64 pixel RMS | `metric_identity` |
 
 FD-pose and FD-sync are *not* FID/FVD: they use our synthetic networks' features, are only comparable between rows of
 the same table (same networks, same clips), and are named differently on purpose.
@@ -32,9 +32,16 @@ import numpy as np
 import torch
 
 from dystream.evaluation.frechet import FeatureStats, frechet_distance
-from dystream.evaluation.identity import identity_drift
+from dystream.evaluation.identity import distance_name, identity_drift
 from dystream.evaluation.keypoints import DWPOSE_134, hkc, hkv, listening_variances
-from dystream.evaluation.metric_nets import DEFAULT_POSE, DEFAULT_SYNCNET, load_metric_pose, load_metric_syncnet
+from dystream.evaluation.metric_nets import (
+    DEFAULT_IDENTITY,
+    DEFAULT_POSE,
+    DEFAULT_SYNCNET,
+    load_metric_identity,
+    load_metric_pose,
+    load_metric_syncnet,
+)
 from dystream.evaluation.mouth_voice import mouth_opening, mouth_voice_correlation
 from dystream.evaluation.networks.pose_small import PoseNetBackend
 from dystream.evaluation.networks.syncnet import load_syncnet
@@ -118,6 +125,9 @@ class SuiteConfig:
         dwpose_det: DWPose's `yolox_l.onnx`; with `dwpose_pose`, DWPose (dwpose134 output) replaces the synthetic
             pose network for the keypoint metrics and the face boxes, and FD-pose is n/a (DWPose gives no embedding).
         dwpose_pose: DWPose's `dw-ll_ucoco_384.onnx`.
+        identity: the identity embedding for identity drift: the synthetic identity network (`*.safetensors`, arch
+            `metric_identity`) or an ArcFace IResNet-50 `backbone.pth` (any other file name). None or a missing file:
+            drift falls back to pixel RMS at 64x64 ("pixel_rms_64").
         fid_inception: `pt_inception-2015-12-05-6726825d.pth` for FID (None: n/a).
         i3d: `i3d_torchscript.pt` for FVD (None: n/a); needs `i3d_sha256`.
         i3d_sha256: the sha256 you trust for the I3D TorchScript file (it runs code when loaded).
@@ -134,6 +144,7 @@ class SuiteConfig:
     pose: str | None = DEFAULT_POSE
     dwpose_det: str | None = None
     dwpose_pose: str | None = None
+    identity: str | None = DEFAULT_IDENTITY
     fid_inception: str | None = None
     i3d: str | None = None
     i3d_sha256: str | None = None
@@ -167,7 +178,8 @@ class MetricSuite:
     """Loads whatever metric networks are available; `evaluate(videos, real)` computes every metric it can.
 
     `unavailable` maps "sync", "pose", "fid", "fvd" to the reason a network is missing (the MetricUnavailable
-    message); metrics that need it are `NA(reason)`.
+    message); metrics that need it are `NA(reason)`. Identity drift is never n/a: without the identity network it
+    falls back to pixel RMS, and `identity_fallback` holds the reason (None when the embedder is used).
     """
 
     def __init__(
@@ -176,8 +188,10 @@ class MetricSuite:
         device: str | torch.device = "cpu",
         syncnet: Any = None,
         pose: Any = None,
+        identity: Any = None,
     ) -> None:
-        """`syncnet` / `pose` may pass already-built networks (tests, callbacks) instead of the files in `config`."""
+        """`syncnet` / `pose` / `identity` (an `Embedder`) may pass already-built networks (tests, callbacks) instead
+        of the files in `config`."""
         self.config = cfg = _resolve_zoo_names(config or SuiteConfig())
         self.device = torch.device(device)
         self.unavailable: dict[str, str] = {}
@@ -186,6 +200,15 @@ class MetricSuite:
         self.pose: PoseNetBackend | None = None
         self.fid_extractor = self.i3d_extractor = None
         self.pose_features = True  # whether the pose backend gives FD-pose embeddings
+        self.identity = identity  # the identity Embedder of the drift metric; None: pixel RMS fallback
+        self.identity_fallback: str | None = None if identity is not None else "no identity network configured"
+        if identity is None and cfg.identity is not None:
+            try:
+                self.identity = _load_identity(cfg.identity, self.device)
+                self.weights["identity"] = getattr(self.identity, "weights_info", None)
+                self.identity_fallback = None
+            except MetricUnavailable as e:
+                self.identity_fallback = str(e)
         try:
             if syncnet is not None:
                 net, info = syncnet, None
@@ -229,6 +252,11 @@ class MetricSuite:
             self.weights["fvd"] = info
         except MetricUnavailable as e:
             self.unavailable["fvd"] = str(e)
+
+    @property
+    def drift_distance(self) -> str:
+        """The identity-drift distance: "cosine (metric_identity)" with the identity network, else "pixel_rms_64"."""
+        return distance_name(self.identity)
 
     @property
     def box_source(self) -> str:
@@ -289,7 +317,7 @@ class MetricSuite:
                     r = self.scorer(video.frames, voice, lambda f: boxes, video.mask, self.box_source)
                     out.update({f"sync_c{suffix}": r.sync_c, f"sync_d{suffix}": r.sync_d})
         if video.reference is not None:
-            d = identity_drift(video.frames, video.reference, fps=25.0, bucket_s=self.config.drift_bucket_s)
+            d = identity_drift(video.frames, video.reference, self.identity, 25.0, self.config.drift_bucket_s)
             out.update(
                 drift_mean=float(np.average(d.mean, weights=d.count)),
                 drift_first=d.first_bucket_mean,
@@ -351,6 +379,21 @@ class MetricSuite:
         return float(frechet_distance(real, fake))
 
 
+def _load_identity(path: str, device: torch.device) -> Any:
+    """The identity `Embedder` of `path`: the synthetic identity network, or ArcFace IResNet-50 for `.pth` files."""
+    if str(path).endswith(".safetensors"):
+        return load_metric_identity(path, device)
+    from dystream.evaluation.networks.iresnet import ArcFaceEmbedder, load_arcface_iresnet50
+    from dystream.evaluation.weights import MetricWeightsMissing, sha256_file
+
+    try:
+        embed = ArcFaceEmbedder(load_arcface_iresnet50(path, device), device=device)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise MetricWeightsMissing("metric_identity", str(e)) from e
+    embed.weights_info = WeightsInfo("arcface_iresnet50", str(path), sha256_file(path), "sha256 reported")
+    return embed
+
+
 def _resolve_zoo_names(cfg: SuiteConfig) -> SuiteConfig:
     """Weight fields may name zoo entries (`fid_inception`, `syncnet_v2`, `syncnet-small.synthetic`, ...) instead of
     paths: an entry in the zoo cache (`dystream zoo import NAME PATH`) resolves to its verified file. A name that is
@@ -360,7 +403,7 @@ def _resolve_zoo_names(cfg: SuiteConfig) -> SuiteConfig:
 
     from dystream.zoo import is_entry, resolve
 
-    fields = ("syncnet", "pose", "dwpose_det", "dwpose_pose", "fid_inception", "i3d")
+    fields = ("syncnet", "pose", "dwpose_det", "dwpose_pose", "identity", "fid_inception", "i3d")
     out = {}
     for name in fields:
         value = getattr(cfg, name)

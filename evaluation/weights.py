@@ -114,6 +114,13 @@ METRIC_WEIGHTS: dict[str, MetricWeightsSpec] = {
             origin="https://drive.google.com/uc?id=1KafnHz7ccT-3IyddBsL5yi2xGtxAKypt (the file TalkNet-ASD and "
             "Light-ASD download as model/faceDetector/s3fd/sfd_face.pth)",
         ),
+        MetricWeightsSpec(
+            name="arcface_iresnet50",
+            filename="backbone.pth",
+            metric="identity similarity / drift on real video (aligned 112x112 face crops)",
+            origin="deepinsight/insightface recognition/arcface_torch model zoo (r50, MS1MV3; OneDrive / Baidu links, "
+            "no hash published)",
+        ),
     )
 }
 
@@ -139,6 +146,14 @@ TRAINED_METRIC_WEIGHTS: dict[str, MetricWeightsSpec] = {
             origin="not published: trained on the synthetic world by recipes/metric_pose.yaml",
             provide="Train it with `dystream fit --config recipes/metric_pose.yaml` (a few minutes on a CPU; "
             "`make eval` does this first), or pass another file with --pose / the `pose` field of recipes/eval.yaml",
+        ),
+        MetricWeightsSpec(
+            name="metric_identity",
+            filename="identity.safetensors",
+            metric="identity drift (cosine distance to the reference image) on the synthetic world",
+            origin="not published: trained on the synthetic world by recipes/metric_identity.yaml",
+            provide="Train it with `dystream fit --config recipes/metric_identity.yaml` (a few minutes on a CPU; "
+            "`make eval` does this first), or pass another file with the `identity` field of recipes/eval.yaml",
         ),
     )
 }

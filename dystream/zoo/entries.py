@@ -382,6 +382,22 @@ ENTRIES: tuple[PretrainedEntry, ...] = (
         notes="face detector in front of Light-ASD (--face-detector-weights of `dystream data pack`); also a Sync-C/D "
         "box source (dystream.evaluation.networks.s3fd.S3FDFaceBoxes)",
     ),
+    # ArcFace IResNet-50 face embedding (deepinsight/insightface, recognition/arcface_torch model zoo: `backbone.pth`
+    # of r50 trained on MS1MV3 or Glint360K; 112x112 aligned faces -> 512-d). The files are published on OneDrive /
+    # Baidu links without a hash or a stable URL, so this is a manual entry: download it, then
+    # `dystream zoo import arcface-iresnet50.ms1mv3 backbone.pth --trust` (its sha256 is printed and pinned in the
+    # cache). Architecture and key names: dystream.evaluation.networks.iresnet (loaded strictly).
+    PretrainedEntry(
+        name="arcface-iresnet50.ms1mv3",
+        arch="arcface:iresnet50",
+        kind="metric",
+        loader="arcface-iresnet",
+        files=(RemoteFile("backbone.pth", None),),
+        license="non-commercial research only (insightface model zoo terms; the code is MIT)",
+        aliases=("arcface_iresnet50",),
+        notes="identity similarity / drift on real video (dystream.evaluation.identity with ArcFaceEmbedder; "
+        "feed aligned 112x112 face crops)",
+    ),
     # ==========================================================================================================
     # Local entries: produced by our recipes (`make zoo` trains what is missing, then collects runs/ into the cache).
     # The file records its recipe ("stage") and the source commit in its metadata (dystream.zoo.files); the sha256
@@ -460,5 +476,17 @@ ENTRIES: tuple[PretrainedEntry, ...] = (
         produced_by="metric_syncnet",
         license="apache-2.0 (dystream)",
         notes="Sync-C / Sync-D on the synthetic world only; not comparable with syncnet_v2 numbers",
+    ),
+    # The synthetic world's identity embedding (dystream.stages.metric_identity): CosFace over the train identities
+    # on whole 64x64 frames; identity drift for the embedded default, where ArcFace (real faces) does not apply.
+    PretrainedEntry(
+        name="identity-small.synthetic",
+        arch="metric_identity",
+        kind="metric",
+        loader="dystream",
+        export="metric_identity/identity.safetensors",
+        produced_by="metric_identity",
+        license="apache-2.0 (dystream)",
+        notes="identity drift (cosine) on the synthetic world only",
     ),
 )

@@ -31,6 +31,7 @@ ARCHITECTURES: dict[str, str] = {
     "audio": "dystream.models.audio:AudioEncoder:AudioEncoderConfig",
     "metric_syncnet": "dystream.evaluation.networks.syncnet_small:SmallSyncNet:SmallSyncNetConfig",
     "metric_pose": "dystream.evaluation.networks.pose_small:PoseRegressor:PoseRegressorConfig",
+    "metric_identity": "dystream.evaluation.networks.identity_small:IdentityNet:IdentityNetConfig",
 }
 
 

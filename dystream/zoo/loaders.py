@@ -146,6 +146,12 @@ def _load_s3fd(entry: PretrainedEntry, paths: Sequence[Path], overrides: dict[st
     return _attach(net, info)
 
 
+def _load_arcface(entry: PretrainedEntry, paths: Sequence[Path], overrides: dict[str, Any], cache: Path) -> Any:
+    from dystream.evaluation.networks.iresnet import load_arcface_iresnet50
+
+    return load_arcface_iresnet50(paths[0], **overrides)
+
+
 def read_text_context(path: str | Path) -> torch.Tensor:
     """A fixed-prompt context ``[L, text_dim]``: safetensors with key ``context``, or a tensor saved by torch."""
     path = Path(path)
@@ -182,5 +188,6 @@ LOADERS: dict[str, Loader] = {
     "dwpose": _load_dwpose,
     "light-asd": _load_light_asd,
     "s3fd": _load_s3fd,
+    "arcface-iresnet": _load_arcface,
     "text-context": _load_text_context,
 }
