@@ -20,6 +20,7 @@ from dystream.stages.metric_identity import (
     best_accuracy,
     identity_labels,
     roc_auc,
+    separation,
     verification_metrics,
 )
 from dystream.zoo.files import save_model
@@ -127,6 +128,8 @@ def test_verification_metrics_separates_identities_with_a_colour_embedding(clips
     m = verification_metrics(frames, labels, clip, refs, lambda f: f.reshape(len(f), -1, 3).mean(1) - 128)
     assert m["auc"] > 0.9 and m["cos_own_reference"] > m["cos_other_identity"]
     assert 0 <= m["pixel_rms_auc"] <= 1 and 0.5 <= m["acc"] <= 1
+    assert m["dprime"] > 1.0 and np.isfinite(m["pixel_rms_dprime"])
+    assert separation(np.array([1.0, 3.0, 0.0, 2.0]), np.array([1, 1, 0, 0], bool)) == pytest.approx(1.0)
 
 
 def test_loader_round_trip_and_missing_file(tmp_path):

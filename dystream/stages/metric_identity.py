@@ -39,7 +39,7 @@ from dystream.logs import announce_export
 from dystream.stages.metric_syncnet import one_cycle
 from dystream.zoo.files import save_model
 
-__all__ = ["IdentityTrainer", "cosface_loss", "identity_labels", "roc_auc", "verification_metrics"]
+__all__ = ["IdentityTrainer", "cosface_loss", "identity_labels", "roc_auc", "separation", "verification_metrics"]
 
 _KEY = re.compile(r"^(?P<split>[a-z]+)-(?P<seed>\d+)-(?P<index>\d+)$")
 
@@ -93,6 +93,14 @@ def best_accuracy(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(correct.max() / len(s))
 
 
+def separation(scores: np.ndarray, positive: np.ndarray) -> float:
+    """d' of same- vs different-identity pair scores: (mean_same - mean_diff) / sqrt((var_same + var_diff) / 2).
+    Unlike the AUC it does not saturate: it says how far apart the two groups are in units of their spread (pose and
+    mouth changes widen the same-identity spread)."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    return float((s[y].mean() - s[~y].mean()) / np.sqrt((s[y].var() + s[~y].var()) / 2).clip(min=1e-12))
+
+
 def verification_metrics(
     frames: np.ndarray, labels: np.ndarray, clip: np.ndarray, references: np.ndarray, embed
 ) -> dict[str, float]:
@@ -106,8 +114,8 @@ def verification_metrics(
         embed: uint8 [N, H, W, 3] -> [N, D] (an `Embedder`).
 
     Pairs are all frame pairs from different clips (same identity = positive). Returns the ROC AUC and the accuracy at
-    the best threshold of the cosine similarity and of -pixel RMS at 64x64, and the mean cosine similarity of each
-    frame to its clip's reference vs to the references of other identities.
+    the best threshold of the cosine similarity and of -pixel RMS at 64x64, their separation d' (`separation`), and
+    the mean cosine similarity of each frame to its clip's reference vs to the references of other identities.
     """
     from dystream.evaluation.identity import pixel_embedding
 
@@ -132,6 +140,8 @@ def verification_metrics(
         "acc": best_accuracy(cos, same),
         "pixel_rms_auc": roc_auc(-rms, same),
         "pixel_rms_acc": best_accuracy(-rms, same),
+        "dprime": separation(cos, same),
+        "pixel_rms_dprime": separation(-rms, same),
         "cos_own_reference": float(own.mean()),
         "cos_other_identity": float(other.mean()),
     }
@@ -290,7 +300,8 @@ class IdentityTrainer(L.LightningModule):
             rank_zero_info(
                 f"metric_identity validation ({int(m['identities'])} held-out identities, {int(m['clips'])} clips): "
                 f"ROC AUC {m['auc']:.4f} (pixel RMS 64x64: {m['pixel_rms_auc']:.4f}), accuracy at the best threshold "
-                f"{m['acc']:.4f} (pixel RMS: {m['pixel_rms_acc']:.4f}); cosine to own reference "
+                f"{m['acc']:.4f} (pixel RMS: {m['pixel_rms_acc']:.4f}), separation d' {m['dprime']:.2f} (pixel RMS: "
+                f"{m['pixel_rms_dprime']:.2f}); cosine to own reference "
                 f"{m['cos_own_reference']:.4f}, to other identities' references {m['cos_other_identity']:.4f}"
             )
 
