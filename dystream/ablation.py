@@ -33,9 +33,11 @@ CHAIN_EQUIVALENT = {
     "runs/ablation/post_mask/teacher/teacher.safetensors": "runs/teacher",
     "runs/ablation/full/stage2_gan/student.safetensors": "runs/stage2_gan",
 }
-# minutes per stage on 2 CPU cores with the recipes' budgets (the chain's last measured runs; stage2_gan measured on a
-# short run, docs/ablation.md), used when runs/summary.json has no time for the stage
+# minutes per stage on 2 CPU cores with the recipes' budgets (the chain's last measured runs), used when
+# runs/summary.json has no time for the stage; stage2_gan's full run is not measured yet: 6.0 is a guess
 DEFAULT_MINUTES = {"teacher": 8.3, "stage1_ode": 1.5, "stage1_sid": 6.8, "stage2_gan": 6.0}
+# StreamingAvatar's real-time factor for the mini student at 64x64 on 2 uncontended CPU cores (rough, short streams)
+STREAM_RTF = 1.2
 # keys whose values are output locations, not part of what a run computes
 PATH_KEYS = {"export_dir", "default_root_dir", "dirpath", "save_dir", "name", "callbacks", "logger", "student"}
 
@@ -177,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
     train_args = shlex.split(args.train_args)
     # stage rows need their earlier stages: a stage2 row trains the rapr row's stage 1 first (ROWS lists them)
     todo, use = plan(rows, train_args, _stage_minutes())
+    students = sum(r.kind == "student" for r in rows)
+    stream_min = students * args.clips * args.seconds / 60 * STREAM_RTF
+    print(f"evaluation: {students} student row(s) x {args.clips} identities x {args.seconds:g} s of streaming, about "
+          f"{stream_min:.0f} min at real-time factor {STREAM_RTF} (plus scoring and the teachers' 4-s clips)")  # fmt: skip
     if args.action == "plan":
         return 0
     if args.action == "run":

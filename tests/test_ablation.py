@@ -138,3 +138,26 @@ def test_bucket_means_match_direct_computation():
     got = bucket_means(v, 7)
     want = [v[0:7].mean(), v[7:14].mean(), v[14:21].mean(), v[21:28].mean(), v[28:30].mean()]
     assert np.allclose(got, want) and len(got) == 5
+
+
+def test_writer_tables_and_json(tmp_path):
+    import json
+
+    from dystream.evaluation.ablation import RowResult, write_outputs
+
+    vals = {"identity": 0.9, "sync_c": 2.5, "hkv": 40.0, "fd_pose": 0.1}
+    rows = [
+        RowResult("rapr", "+ RAPR", "student", "w", short=vals, long={**vals, "identity_last": 0.8},
+                  buckets={"time_s": [0.0, 10.0], "identity": [0.9, 0.8], "sync_c": [2.5, 2.4]}, rtf=1.0),
+        RowResult("baseline", "Baseline", "student", "w", status="w missing"),
+        RowResult("pre_mask", "Pre-Mask", "teacher", "t", short={"sync_c": 1.0, "lbkv": 0.001, "lhkv": 0.002,
+                  "lfkv": 0.003, "hkv": 30.0, "fd_pose": None}),
+    ]  # fmt: skip
+    meta = {"identities": 2, "seconds": 20.0, "bucket_s": 10.0, "short_s": 4.0, "identity_measure": "pixel"}
+    written = write_outputs(rows, meta, str(tmp_path / "ablation.md"), None, "dystream ablation eval")
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| + RAPR | 0.900 | 2.50 | 40.0000 | 0.10 | 0.900 | 0.800 |" in md
+    assert "| Pre-Mask | 1.00 | 0.00100 | 0.00200 | 0.00300 | 30.0000 | n/a |" in md
+    assert "- baseline: w missing" in md and "`dystream ablation eval`" in md
+    data = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["name"] for r in data["rows"]] == ["rapr", "baseline", "pre_mask"] and len(written) == 2
