@@ -181,8 +181,10 @@ def run(args: argparse.Namespace) -> int:
     todo, use = plan(rows, train_args, _stage_minutes())
     students = sum(r.kind == "student" for r in rows)
     stream_min = students * args.clips * args.seconds / 60 * STREAM_RTF
-    print(f"evaluation: {students} student row(s) x {args.clips} identities x {args.seconds:g} s of streaming, about "
-          f"{stream_min:.0f} min at real-time factor {STREAM_RTF} (plus scoring and the teachers' 4-s clips)")  # fmt: skip
+    print(
+        f"evaluation: {students} student row(s) x {args.clips} identities x {args.seconds:g} s of streaming, about "
+        f"{stream_min:.0f} min at real-time factor {STREAM_RTF} (plus scoring and the teachers' 4-s clips)"
+    )
     if args.action == "plan":
         return 0
     if args.action == "run":
