@@ -422,6 +422,7 @@ def write_outputs(results: Sequence[RowResult], meta: dict, out_md: str, plot: s
     md = Path(out_md)
     md.parent.mkdir(parents=True, exist_ok=True)
     s, L, b = meta["short_s"], meta["seconds"], meta["bucket_s"]
+    clip_s = meta.get("config", {}).get("clip_frames", 96) / FPS
     lines = [
         "# Ablations in miniature on long streams (StreamAvatar Table 1, Table 3)",
         "",
@@ -451,7 +452,7 @@ def write_outputs(results: Sequence[RowResult], meta: dict, out_md: str, plot: s
         )
     lines += [
         "",
-        f"## Table 3 in miniature (teachers, {s:g}-s clips, not distilled)",
+        f"## Table 3 in miniature (teachers, the {clip_s:.2f}-s validation clips, not distilled)",
         "",
         "| row | Sync-C | LBKV | LHKV | LFKV | HKV | FD-pose |",
         "|---|---|---|---|---|---|---|",
