@@ -101,6 +101,13 @@ demo: $(STAMP) | $$(call done,stage1_sid) ## after the chain: a validation ident
 		--checkpoint $(or $(wildcard $(RUNS)/stage2_gan/student.safetensors),$(RUNS)/stage1_sid/student.safetensors) \
 		--vae $(RUNS)/vae/vae.safetensors --audio $(RUNS)/teacher/audio.safetensors $(ARGS)
 
+# Ablations (docs/ablation.md): the paper's rows in miniature (baseline, +sink, +RAPR, GAN w/o D_CA, full; Pre-/post-mask
+# teachers) trained from the chain's teacher and ODE pairs where missing, then streamed for 120 s per identity ->
+# docs/results/ablation.md and docs/images/ablation_drift.png. Rows already trained under runs/ablation/ are reused.
+.PHONY: ablation
+ablation: $(STAMP) | $$(call done,ode_pairs) ## the paper's ablations on 120-s streams (trains missing rows; docs/ablation.md)
+	$(DYSTREAM) ablation run --clips 4 $(ARGS)
+
 .PHONY: test
 test: $(STAMP) ## run the test suite (CPU, tiny presets)
 	$(VENV)/bin/pytest -q

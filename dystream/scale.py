@@ -741,7 +741,7 @@ def memory_rows(
         activations = measure_activations(dit_preset, z, audio_dim, grid)
     per_frame = activations.tokens_per_frame
     layout = dit_config.layout
-    cache_frames = 1 + layout.sink_chunks * layout.chunk_frames + (layout.window_frames or s_frames)
+    cache_frames = layout.sink_frames + (layout.window_frames or s_frames)
     kv_bytes = 2 * dit_config.num_layers * cache_frames * per_frame * dit_config.dim * 2 * g.batch  # K and V, bf16
     unit = 2 * max(
         sum(p.numel() for p in block.parameters()) for block in _meta_blocks(dit_preset, nets)
