@@ -161,3 +161,19 @@ def test_writer_tables_and_json(tmp_path):
     assert "- baseline: w missing" in md and "`dystream ablation eval`" in md
     data = json.loads((tmp_path / "ablation.json").read_text())
     assert [r["name"] for r in data["rows"]] == ["rapr", "baseline", "pre_mask"] and len(written) == 2
+
+
+def test_writer_drift_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="the drift plot needs matplotlib")
+    from dystream.evaluation.ablation import RowResult, write_outputs
+
+    vals = {"identity": 0.9, "sync_c": 2.5, "hkv": 40.0, "fd_pose": 0.1}
+    rows = [
+        RowResult("rapr", "+ RAPR", "student", "w", short=vals, long={**vals, "identity_last": 0.8},
+                  buckets={"time_s": [0.0, 10.0], "identity": [0.9, None], "sync_c": [2.5, 2.4]}, rtf=1.0),
+    ]  # fmt: skip
+    meta = {"identities": 2, "seconds": 20.0, "bucket_s": 10.0, "short_s": 4.0, "identity_measure": "pixel"}
+    png = tmp_path / "images" / "ablation_drift.png"
+    written = write_outputs(rows, meta, str(tmp_path / "results" / "ablation.md"), str(png), "dystream ablation eval")
+    assert str(png) in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](../images/ablation_drift.png)" in (tmp_path / "results" / "ablation.md").read_text()
