@@ -105,7 +105,7 @@ demo: $(STAMP) | $$(call done,stage1_sid) ## after the chain: a validation ident
 # teachers) trained from the chain's teacher and ODE pairs where missing, then streamed for 120 s per identity ->
 # docs/results/ablation.md and docs/images/ablation_drift.png. Rows already trained under runs/ablation/ are reused.
 .PHONY: ablation
-ablation: $(STAMP) | $$(call done,ode_pairs) ## the paper's ablations on 120-s streams (trains missing rows; docs/ablation.md)
+ablation: $(STAMP) | $$(call done,ode_pairs) $$(METRIC_NETS) ## the paper's ablations on 120-s streams (trains missing rows; docs/ablation.md)
 	$(DYSTREAM) ablation run --clips 4 $(ARGS)
 
 .PHONY: test
@@ -145,11 +145,14 @@ zoo: $(STAMP) | $$(foreach s,$$(ZOO_STAGES),$$(call done,$$(s))) ## build the lo
 # each on a CPU); `dystream eval` then evaluates whichever stage exports of recipes/eval.yaml exist, and a missing
 # export becomes an n/a row naming its recipe instead of starting the training chain. OMP_WAIT_POLICY=PASSIVE keeps
 # idle OpenMP threads from spinning: several times faster on a busy machine, harmless elsewhere.
-METRIC_NETS := $(RUNS)/metric_syncnet/syncnet.safetensors $(RUNS)/metric_pose/pose.safetensors
+METRIC_NETS := $(RUNS)/metric_syncnet/syncnet.safetensors $(RUNS)/metric_pose/pose.safetensors \
+	$(RUNS)/metric_identity/identity.safetensors
 $(RUNS)/metric_syncnet/syncnet.safetensors: | $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(DYSTREAM) fit --config recipes/metric_syncnet.yaml
 $(RUNS)/metric_pose/pose.safetensors: | $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(DYSTREAM) fit --config recipes/metric_pose.yaml
+$(RUNS)/metric_identity/identity.safetensors: | $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(DYSTREAM) fit --config recipes/metric_identity.yaml
 
 .PHONY: eval
 eval: $(STAMP) | $(METRIC_NETS) ## benchmark tables -> docs/results/ (trains the synthetic metric networks first if missing)
