@@ -62,6 +62,7 @@ def test_tiny_fit_prints_no_warning_and_names_the_export_once(recipe, tiny_world
         vae = save_model(ReferenceGuidedVAE(VAEConfig.from_preset("tiny")), tmp_path / "vae.safetensors", arch="vae")
         overrides = [
             f"--model.init_args.vae={vae}",
+            "--model.init_args.audio=tiny",  # the recipe's runs/audio export does not exist here
             "--model.init_args.dit_preset=tiny",
             "--model.init_args.sample_steps=2",
             # the recipe checkpoints every 100 steps; here every 2, so the export is rewritten twice

@@ -146,16 +146,20 @@ def launch(script: Path, nproc: int, args: dict, timeout: float = 420) -> subpro
 
 
 def finish_ranks() -> None:
-    """End a worker in step: every rank reaches a barrier, then tears its process group down.
+    """End a worker in step and without C++ teardown: every rank reaches a barrier (all outputs are written), then
+    leaves with ``os._exit(0)``.
 
-    A rank that exits while its peer still holds the gloo connection can make the peer abort (SIGABRT) in the
-    transport's background thread, failing a run whose results were all written.
+    A normal interpreter exit destroys the process group's and the libraries' native threads in whatever state they
+    are in; a thread object destroyed while still joinable calls std::terminate ("terminate called without an active
+    exception", SIGABRT), which fails a run whose results were all written.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
