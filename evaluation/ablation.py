@@ -446,9 +446,9 @@ def write_outputs(results: Sequence[RowResult], meta: dict, out_md: str, plot: s
             continue
         sh, lo = r.short, r.long
         lines.append(
-            f"| {r.label} | {_fmt(sh['identity'])} | {_fmt(sh['sync_c'], 2)} | {_fmt(sh['hkv'], 4)} | "
+            f"| {r.label} | {_fmt(sh['identity'])} | {_fmt(sh['sync_c'], 2)} | {_fmt(sh['hkv'], 1)} | "
             f"{_fmt(sh['fd_pose'], 2)} | {_fmt(lo['identity'])} | {_fmt(lo['identity_last'])} | "
-            f"{_fmt(lo['sync_c'], 2)} | {_fmt(lo['hkv'], 4)} | {_fmt(lo['fd_pose'], 2)} | {_fmt(r.rtf, 2)} |"
+            f"{_fmt(lo['sync_c'], 2)} | {_fmt(lo['hkv'], 1)} | {_fmt(lo['fd_pose'], 2)} | {_fmt(r.rtf, 2)} |"
         )
     lines += [
         "",
@@ -466,7 +466,7 @@ def write_outputs(results: Sequence[RowResult], meta: dict, out_md: str, plot: s
         t = r.short
         lines.append(
             f"| {r.label} | {_fmt(t['sync_c'], 2)} | {_fmt(t['lbkv'], 5)} | {_fmt(t['lhkv'], 5)} | "
-            f"{_fmt(t['lfkv'], 5)} | {_fmt(t['hkv'], 4)} | {_fmt(t['fd_pose'], 2)} |"
+            f"{_fmt(t['lfkv'], 5)} | {_fmt(t['hkv'], 1)} | {_fmt(t['fd_pose'], 2)} |"
         )
     missing = [r for r in results if r.status != "ok"]
     if missing:

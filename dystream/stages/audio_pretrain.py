@@ -26,6 +26,7 @@ holding the pretrained ``wav2vec2`` weights, loaded strictly and frozen by every
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -142,18 +143,8 @@ class AudioPretrainStage(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             start = AudioEncoder(self.encoder_config)  # the chain's encoder before pretraining, same init
-        self.model = pretraining_model(
-            self.encoder_config,
-            num_codevector_groups=num_codevector_groups,
-            num_codevectors_per_group=num_codevectors_per_group,
-            codevector_dim=codevector_dim,
-            proj_codevector_dim=proj_codevector_dim,
-            num_negatives=num_negatives,
-            diversity_loss_weight=diversity_loss_weight,
-            contrastive_logits_temperature=contrastive_logits_temperature,
-            mask_time_prob=mask_time_prob,
-            mask_time_length=mask_time_length,
-        )
+        fields = inspect.signature(pretraining_model).parameters.keys() - {"config"}
+        self.model = pretraining_model(self.encoder_config, **{k: self.hparams[k] for k in fields})
         self.model.wav2vec2.load_state_dict(start.wav2vec2.state_dict(), strict=True)
         self.export_dir = Path(export_dir)
 
