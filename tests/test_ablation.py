@@ -156,8 +156,8 @@ def test_writer_tables_and_json(tmp_path):
     meta = {"identities": 2, "seconds": 20.0, "bucket_s": 10.0, "short_s": 4.0, "identity_measure": "pixel"}
     written = write_outputs(rows, meta, str(tmp_path / "ablation.md"), None, "dystream ablation eval")
     md = (tmp_path / "ablation.md").read_text()
-    assert "| + RAPR | 0.900 | 2.50 | 40.0000 | 0.10 | 0.900 | 0.800 |" in md
-    assert "| Pre-Mask | 1.00 | 0.00100 | 0.00200 | 0.00300 | 30.0000 | n/a |" in md
+    assert "| + RAPR | 0.900 | 2.50 | 40.0 | 0.10 | 0.900 | 0.800 |" in md
+    assert "| Pre-Mask | 1.00 | 0.00100 | 0.00200 | 0.00300 | 30.0 | n/a |" in md
     assert "- baseline: w missing" in md and "`dystream ablation eval`" in md
     data = json.loads((tmp_path / "ablation.json").read_text())
     assert [r["name"] for r in data["rows"]] == ["rapr", "baseline", "pre_mask"] and len(written) == 2
