@@ -45,7 +45,10 @@ class ModelSpec:
         audio: the audio encoder export; None: the student export's recorded `audio`, else
             runs/teacher/audio.safetensors.
         steps: teacher Euler steps (students take their recorded sigmas; a value here must match their count).
-        guidance_scale: teacher audio CFG scale.
+        guidance_scale: teacher audio CFG scale (joint: both audio conditions dropped in the unconditional call).
+        talk_scale / listen_scale: teacher CFG scales on the own voice and on the partner's voice separately
+            (``AudioGuidance``'s separate mode, each around the full conditional prediction); set with
+            ``guidance_scale: 1``.
         shift: teacher timestep shift; None = the one the teacher export records (its training shift).
         cache_write: student cache write ("noisy", the paper's, or "clean").
         drop_partner: generate with the partner's audio dropped (the listen condition zeroed, as the training's
@@ -60,6 +63,8 @@ class ModelSpec:
     audio: str | None = None
     steps: int | None = None
     guidance_scale: float = 3.0
+    talk_scale: float | None = None
+    listen_scale: float | None = None
     shift: float | None = None
     cache_write: Literal["noisy", "clean"] = "noisy"
     drop_partner: bool = False
@@ -71,6 +76,17 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: steps must be >= 1, got {self.steps}")
         if self.cache_write not in ("noisy", "clean"):
             raise ValueError(f"model {self.name!r}: cache_write must be 'noisy' or 'clean', got {self.cache_write!r}")
+        if (self.talk_scale is not None or self.listen_scale is not None) and self.guidance_scale != 1.0:
+            raise ValueError(
+                f"model {self.name!r}: talk_scale / listen_scale guide each audio condition separately; set "
+                f"guidance_scale: 1 with them (got guidance_scale {self.guidance_scale})"
+            )
+
+    def guidance(self):
+        """The teacher's ``AudioGuidance`` for this row."""
+        from dystream.diffusion.sampling import AudioGuidance
+
+        return AudioGuidance(scale=self.guidance_scale, talk_scale=self.talk_scale, listen_scale=self.listen_scale)
 
     def missing(self) -> list[str]:
         """The files this row needs that do not exist (only the DiT weights can be checked before loading)."""
@@ -137,7 +153,7 @@ class _Generator:
     def __call__(self, batch: dict[str, Tensor], frames: int, generator: torch.Generator) -> Tensor:
         """Videos [B, 3, frames, H, W] in [-1, 1]."""
         from dystream.diffusion.rollout import student_rollout
-        from dystream.diffusion.sampling import AudioGuidance, sample_euler
+        from dystream.diffusion.sampling import sample_euler
         from dystream.diffusion.schedule import sampling_sigmas
         from dystream.stages.common import teacher_shift
 
@@ -157,7 +173,7 @@ class _Generator:
             def denoiser(x: Tensor, sigma: Tensor, c: dict) -> Tensor:
                 return self.net(x, sigma, attention="bidirectional", **c)
 
-            z, _ = sample_euler(denoiser, x, cond, sigmas, guidance=AudioGuidance(scale=self.spec.guidance_scale))
+            z, _ = sample_euler(denoiser, x, cond, sigmas, guidance=self.spec.guidance())
         else:
             chunk = self.net.config.chunk_frames
             if frames % (4 * chunk):

@@ -82,6 +82,25 @@ def test_partner_dropped_row_equals_sampling_with_a_silent_partner_while_listeni
     )
 
 
+def test_separate_talk_guidance_equals_joint_guidance_while_the_partner_is_silent(files):
+    """Joint CFG drops both audio conditions in its unconditional call, separate talk CFG only the own voice; with
+    the speaking mask at 1 everywhere the listen condition is 0, so the two are the same sampler. With a mixed mask
+    the partner's voice is heard and a listen scale changes the video."""
+    base = ModelSpec("teacher", "teacher", files["teacher"], vae=files["vae"], audio=files["audio"], steps=2)
+    talk = ModelSpec(**{**base.__dict__, "name": "talk", "guidance_scale": 1.0, "talk_scale": 3.0})
+    listen = ModelSpec(**{**talk.__dict__, "name": "listen", "listen_scale": 4.0})
+    refs, a_self, a_other, masks = _clips()
+    speaking = np.ones_like(masks)
+
+    def videos(spec, m):
+        return np.stack(generate(spec, refs, a_self, a_other, m, seed=3, batch_size=2).videos).astype(int)
+
+    # the two guidance formulas round differently in float32: equal up to 1/255 in a few pixels
+    np.testing.assert_allclose(videos(base, speaking), videos(talk, speaking), atol=1, rtol=0)
+    np.testing.assert_array_equal(videos(talk, speaking), videos(listen, speaking))
+    assert not np.array_equal(videos(talk, masks), videos(listen, masks))
+
+
 def test_student_row_is_a_seeded_rollout(files):
     spec = ModelSpec("student", "student", files["student"])  # vae and audio from the export's metadata
     refs, a_self, a_other, masks = _clips()
@@ -104,3 +123,5 @@ def test_model_spec_reports_missing_files_and_bad_fields(tmp_path):
         ModelSpec("x", "gan", "w")
     with pytest.raises(ValueError, match="cache_write"):
         ModelSpec("x", "student", "w", cache_write="dirty")
+    with pytest.raises(ValueError, match="guidance_scale: 1"):
+        ModelSpec("x", "teacher", "w", listen_scale=4.0)  # the joint default 3 left with a separate scale
