@@ -51,6 +51,9 @@ class ModelSpec:
             ``guidance_scale: 1``.
         shift: teacher timestep shift; None = the one the teacher export records (its training shift).
         cache_write: student cache write ("noisy", the paper's, or "clean").
+        window_frames: teacher only: sample the clip as independent windows of this many frames, each from the
+            reference image with its own audio encoded alone, as the teacher trains and as the ODE pairs are drawn
+            (`window_frames` of those recipes); None: the whole clip at once.
         drop_partner: generate with the partner's audio dropped (the listen condition zeroed, as the training's
             condition dropout does): the reference for how much of the listening motion the partner's voice drives.
     """
@@ -68,6 +71,7 @@ class ModelSpec:
     shift: float | None = None
     cache_write: Literal["noisy", "clean"] = "noisy"
     drop_partner: bool = False
+    window_frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("teacher", "student"):
@@ -76,6 +80,13 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: steps must be >= 1, got {self.steps}")
         if self.cache_write not in ("noisy", "clean"):
             raise ValueError(f"model {self.name!r}: cache_write must be 'noisy' or 'clean', got {self.cache_write!r}")
+        if self.window_frames is not None and (
+            self.kind != "teacher" or self.window_frames < 4 or self.window_frames % 4
+        ):
+            raise ValueError(
+                f"model {self.name!r}: window_frames is for teachers and must be a positive multiple of 4 frames "
+                f"(one latent frame), got {self.window_frames} for a {self.kind}"
+            )
         if (self.talk_scale is not None or self.listen_scale is not None) and self.guidance_scale != 1.0:
             raise ValueError(
                 f"model {self.name!r}: talk_scale / listen_scale guide each audio condition separately; set "
@@ -152,6 +163,25 @@ class _Generator:
     @torch.no_grad()
     def __call__(self, batch: dict[str, Tensor], frames: int, generator: torch.Generator) -> Tensor:
         """Videos [B, 3, frames, H, W] in [-1, 1]."""
+        w = self.spec.window_frames
+        if w is not None and frames > w:
+            if frames % w:
+                raise ValueError(
+                    f"model {self.spec.name!r}: window_frames {w} does not divide the clip's {frames} frames"
+                )
+            windows = []
+            for start in range(0, frames, w):  # each window from the reference, its audio encoded alone
+                sub = {
+                    **batch,
+                    "audio_self": batch["audio_self"][:, start * SAMPLES_PER_FRAME : (start + w) * SAMPLES_PER_FRAME],
+                    "audio_other": batch["audio_other"][:, start * SAMPLES_PER_FRAME : (start + w) * SAMPLES_PER_FRAME],
+                    "mask": batch["mask"][:, start : start + w],
+                }
+                windows.append(self._sample(sub, w, generator))
+            return torch.cat(windows, dim=2)
+        return self._sample(batch, frames, generator)
+
+    def _sample(self, batch: dict[str, Tensor], frames: int, generator: torch.Generator) -> Tensor:
         from dystream.diffusion.rollout import student_rollout
         from dystream.diffusion.sampling import sample_euler
         from dystream.diffusion.schedule import sampling_sigmas

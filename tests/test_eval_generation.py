@@ -101,6 +101,26 @@ def test_separate_talk_guidance_equals_joint_guidance_while_the_partner_is_silen
     assert not np.array_equal(videos(talk, masks), videos(listen, masks))
 
 
+def test_windowed_teacher_samples_each_window_as_a_clip_of_its_own(files):
+    """window_frames: the first window equals sampling the first window's frames alone (same seed, same noise);
+    the later windows are drawn from the reference again, with their own audio."""
+    base = ModelSpec("teacher", "teacher", files["teacher"], vae=files["vae"], audio=files["audio"], steps=2)
+    windowed = ModelSpec(**{**base.__dict__, "name": "windowed", "window_frames": 4})
+    refs, a_self, a_other, masks = _clips()
+    w = 4
+    whole = np.stack(generate(windowed, refs, a_self, a_other, masks, seed=3, batch_size=2).videos)
+    first = generate(base, refs, a_self[:, : w * 640], a_other[:, : w * 640], masks[:, :w], seed=3, batch_size=2)
+    assert whole.shape == (2, T, 64, 64, 3)
+    np.testing.assert_array_equal(whole[:, :w], np.stack(first.videos))
+    one_window = ModelSpec(**{**base.__dict__, "name": "one", "window_frames": T})
+    np.testing.assert_array_equal(
+        np.stack(generate(one_window, refs, a_self, a_other, masks, seed=3, batch_size=2).videos),
+        np.stack(generate(base, refs, a_self, a_other, masks, seed=3, batch_size=2).videos),
+    )
+    with pytest.raises(ValueError, match="does not divide"):
+        generate(ModelSpec(**{**base.__dict__, "window_frames": T - 4}), refs, a_self, a_other, masks)
+
+
 def test_student_row_is_a_seeded_rollout(files):
     spec = ModelSpec("student", "student", files["student"])  # vae and audio from the export's metadata
     refs, a_self, a_other, masks = _clips()
@@ -125,3 +145,7 @@ def test_model_spec_reports_missing_files_and_bad_fields(tmp_path):
         ModelSpec("x", "student", "w", cache_write="dirty")
     with pytest.raises(ValueError, match="guidance_scale: 1"):
         ModelSpec("x", "teacher", "w", listen_scale=4.0)  # the joint default 3 left with a separate scale
+    with pytest.raises(ValueError, match="window_frames is for teachers"):
+        ModelSpec("x", "student", "w", window_frames=24)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ModelSpec("x", "teacher", "w", window_frames=6)
