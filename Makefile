@@ -106,7 +106,7 @@ demo: $(STAMP) | $$(call done,stage1_sid) ## after the chain: a validation ident
 # docs/results/ablation.md and docs/images/ablation_drift.png. Rows already trained under runs/ablation/ are reused.
 .PHONY: ablation
 ablation: $(STAMP) | $$(call done,ode_pairs) $$(METRIC_NETS) ## the paper's ablations on 120-s streams (trains missing rows; docs/ablation.md)
-	$(DYSTREAM) ablation run --clips 4 $(ARGS)
+	$(DYSTREAM) ablation run $(ARGS)
 
 .PHONY: test
 test: $(STAMP) ## run the test suite (CPU, tiny presets)

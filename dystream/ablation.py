@@ -36,8 +36,11 @@ CHAIN_EQUIVALENT = {
 # minutes per stage on 2 CPU cores with the recipes' budgets (the chain's last measured runs), used when
 # runs/summary.json has no time for the stage; stage2_gan's full run is not measured yet: 6.0 is a guess
 DEFAULT_MINUTES = {"teacher": 8.3, "stage1_ode": 1.5, "stage1_sid": 6.8, "stage2_gan": 6.0}
-# StreamingAvatar's real-time factor for the mini student at 64x64 on 2 uncontended CPU cores (rough, short streams)
-STREAM_RTF = 1.2
+# seconds of work per second of stream for the mini student at 64x64 on 2 uncontended CPU cores, measured by
+# `make ablation` (2026-12-04): StreamingAvatar runs at a real-time factor of 0.18-0.21, and scoring (Sync-C, pose,
+# identity) brings a row's total to 128 s for 4 x 120 s of stream
+STREAM_RTF = 0.2
+EVAL_S_PER_STREAM_S = 0.27
 # keys whose values are output locations, not part of what a run computes
 PATH_KEYS = {"export_dir", "default_root_dir", "dirpath", "save_dir", "name", "callbacks", "logger", "student"}
 
@@ -172,6 +175,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default="docs/results/ablation.md", help="the markdown (a .json is written next to it)"
     )
     parser.add_argument("--plot", default="docs/images/ablation_drift.png", help="the drift plot ('' for none)")
+    parser.add_argument(
+        "--sheet", default="docs/images/ablation_frames.png",
+        help="frames of the first identity's stream of every row at 0, 20, ..., 100 s and the end ('' for none)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,10 +187,10 @@ def run(args: argparse.Namespace) -> int:
     # stage rows need their earlier stages: a stage2 row trains the rapr row's stage 1 first (ROWS lists them)
     todo, use = plan(rows, train_args, _stage_minutes())
     students = sum(r.kind == "student" for r in rows)
-    stream_min = students * args.clips * args.seconds / 60 * STREAM_RTF
+    eval_min = students * args.clips * args.seconds / 60 * EVAL_S_PER_STREAM_S
     print(
         f"evaluation: {students} student row(s) x {args.clips} identities x {args.seconds:g} s of streaming, about "
-        f"{stream_min:.0f} min at real-time factor {STREAM_RTF} (plus scoring and the teachers' 4-s clips)"
+        f"{eval_min:.0f} min (streaming at real-time factor {STREAM_RTF} and scoring; plus the teachers' 4-s clips)"
     )
     if args.action == "plan":
         return 0
@@ -210,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     meta["eval_minutes"] = round((time.perf_counter() - t0) / 60, 1)
     meta["train_args"] = args.train_args
     command = "dystream ablation " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    for path in write_outputs(results, meta, args.out, args.plot or None, command):
+    for path in write_outputs(results, meta, args.out, args.plot or None, command, args.sheet or None):
         print(f"ablation: wrote {path}")
     return 0
 

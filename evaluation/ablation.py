@@ -238,6 +238,18 @@ class RowResult:
     long: dict[str, float | None] = field(default_factory=dict)  # the whole stream
     buckets: dict[str, list[float | None]] = field(default_factory=dict)  # per bucket_s, students only
     rtf: float | None = None
+    # frames of the first identity's stream at the sheet's time points (students), for the frame sheet; not in the JSON
+    snapshots: np.ndarray | None = field(default=None, repr=False)
+
+
+# stream times (s) shown in the frame sheet: the start, then every 20 s, and the last frame
+SHEET_TIMES = (0.0, 20.0, 40.0, 60.0, 80.0, 100.0, None)
+
+
+def snapshot_frames(n_frames: int, times: Sequence[float | None] = SHEET_TIMES) -> list[int]:
+    """Frame indices of the sheet's time points inside a stream of ``n_frames`` (None: the last frame)."""
+    picks = [n_frames - 1 if t is None else min(round(t * FPS), n_frames - 1) for t in times]
+    return sorted(set(picks))
 
 
 def _identity_scores(suite: Any, frames: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -364,7 +376,8 @@ def evaluate_rows(
     for name, reason in suite.unavailable.items():
         log(f"ablation: {name} metrics n/a ({reason})")
     clips = load_clips(ClipsConfig(shards=cfg.shards, count=cfg.clips, frames=cfg.clip_frames))
-    real = suite.evaluate(clips.videos()).features.get("fd_pose")
+    real_eval = suite.evaluate(clips.videos())
+    real = real_eval.features.get("fd_pose")
     n = len(clips.keys)
     inputs = [long_stream_inputs(clips.audio_self, clips.audio_other, clips.masks, cfg.seconds, i) for i in range(n)]
     results = []
@@ -379,6 +392,7 @@ def evaluate_rows(
         t0 = time.perf_counter()
         if row.kind == "student":
             videos, res.rtf = stream_row(path, clips.references, inputs, seed=cfg.seed, log=log)
+            res.snapshots = videos[0][snapshot_frames(round(cfg.seconds * FPS))]
             res.short, res.long, res.buckets = score_streams(
                 suite, videos, inputs, clips.references, real, cfg.bucket_s, cfg.short_s
             )
@@ -393,6 +407,10 @@ def evaluate_rows(
         "bucket_s": cfg.bucket_s,
         "short_s": cfg.short_s,
         "identity_measure": identity_label(suite),
+        # the real clips' own values (Table 3's reference row): the listening motion the teachers should match
+        "real": {k: _number(real_eval.values.get(k)) for k in TEACHER_METRICS},
+        "reference_image": clips.references[0],
+        "sheet_frames": snapshot_frames(round(cfg.seconds * FPS)),
         "unavailable": suite.unavailable,
         "config": asdict(cfg),
     }
@@ -405,11 +423,14 @@ def _teacher_scores(suite: Any, path: str, clips: Any, real: Any, cfg: AblationE
     spec = ModelSpec(name=path, kind="teacher", weights=path, steps=cfg.teacher_steps)
     gen = generate(spec, clips.references, clips.audio_self, clips.audio_other, clips.masks, seed=cfg.seed)
     values = suite.evaluate(clips.videos(gen.videos), {"fd_pose": real} if real is not None else None).values
-    out = {}
-    for k in ("sync_c", "lbkv", "lhkv", "lfkv", "hkv", "fd_pose"):
-        v = values.get(k)
-        out[k] = v if isinstance(v, float) else None
-    return out
+    return {k: _number(values.get(k)) for k in TEACHER_METRICS}
+
+
+TEACHER_METRICS = ("sync_c", "lbkv", "lhkv", "lfkv", "hkv", "fd_pose")
+
+
+def _number(v: Any) -> float | None:
+    return v if isinstance(v, float) else None
 
 
 # ------------------------------------------------------------------------------------------------------ outputs
@@ -417,8 +438,10 @@ def _fmt(v: float | None, d: int = 3) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.{d}f}"
 
 
-def write_outputs(results: Sequence[RowResult], meta: dict, out_md: str, plot: str | None, command: str) -> list[str]:
-    """docs/results/ablation.md (+ .json next to it) and the drift plot; returns the paths written."""
+def write_outputs(
+    results: Sequence[RowResult], meta: dict, out_md: str, plot: str | None, command: str, sheet: str | None = None
+) -> list[str]:
+    """docs/results/ablation.md (+ .json next to it), the drift plot and the frame sheet; returns the paths written."""
     md = Path(out_md)
     md.parent.mkdir(parents=True, exist_ok=True)
     s, L, b = meta["short_s"], meta["seconds"], meta["bucket_s"]
@@ -457,16 +480,16 @@ def write_outputs(results: Sequence[RowResult], meta: dict, out_md: str, plot: s
         "| row | Sync-C | LBKV | LHKV | LFKV | HKV | FD-pose |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        if r.kind != "teacher":
+    teachers = [(r.label, r.short, r.status) for r in results if r.kind == "teacher"]
+    if teachers and meta.get("real"):
+        teachers.insert(0, ("Real clips (reference)", {**meta["real"], "fd_pose": None}, "ok"))
+    for label, t, status in teachers:
+        if status != "ok":
+            lines.append(f"| {label} | " + " | ".join(["n/a"] * 6) + f" |  <!-- {status} -->")
             continue
-        if r.status != "ok":
-            lines.append(f"| {r.label} | " + " | ".join(["n/a"] * 6) + f" |  <!-- {r.status} -->")
-            continue
-        t = r.short
         lines.append(
-            f"| {r.label} | {_fmt(t['sync_c'], 2)} | {_fmt(t['lbkv'], 5)} | {_fmt(t['lhkv'], 5)} | "
-            f"{_fmt(t['lfkv'], 5)} | {_fmt(t['hkv'], 1)} | {_fmt(t['fd_pose'], 2)} |"
+            f"| {label} | {_fmt(t['sync_c'], 2)} | {_fmt(t['lbkv'], 2)} | {_fmt(t['lhkv'], 1)} | "
+            f"{_fmt(t['lfkv'], 2)} | {_fmt(t['hkv'], 1)} | {_fmt(t['fd_pose'], 2)} |"
         )
     missing = [r for r in results if r.status != "ok"]
     if missing:
@@ -480,11 +503,51 @@ def write_outputs(results: Sequence[RowResult], meta: dict, out_md: str, plot: s
             written.append(plot)
         else:
             lines.insert(-1, "(No plot: matplotlib is not installed in this environment.)")
+    if sheet and frame_sheet(results, meta, sheet):
+        times = ", ".join(_sheet_labels(meta))
+        lines.insert(-1, f"![the first identity's stream of every row at {times}](../images/{Path(sheet).name})")
+        written.append(sheet)
     md.write_text("\n".join(lines) + "\n")
     js = md.with_suffix(".json")
-    js.write_text(json.dumps({"meta": meta, "command": command, "rows": [asdict(r) for r in results]}, indent=1))
+    rows = [{k: v for k, v in asdict(r).items() if k != "snapshots"} for r in results]
+    meta = {k: v for k, v in meta.items() if k != "reference_image"}  # (an image: the sheet shows it)
+    js.write_text(json.dumps({"meta": meta, "command": command, "rows": rows}, indent=1))
     written.append(str(js))
     return written
+
+
+def _sheet_labels(meta: dict) -> list[str]:
+    return [f"{i / FPS:.1f} s" for i in meta.get("sheet_frames", [])]
+
+
+def frame_sheet(results: Sequence[RowResult], meta: dict, path: str) -> bool:
+    """One row per streamed student row: the reference image, then the first identity's frames at SHEET_TIMES."""
+    from PIL import Image, ImageDraw
+
+    rows = [r for r in results if r.kind == "student" and r.snapshots is not None]
+    if not rows:
+        return False
+    ref = meta.get("reference_image")
+    h, w = rows[0].snapshots.shape[1:3]
+    scale, pad, label_w, header = 2, 4, 250, 16
+    cols = max(len(r.snapshots) for r in rows) + (ref is not None)
+    sheet = Image.new(
+        "RGB", (label_w + cols * (w * scale + pad) + pad, header + len(rows) * (h * scale + pad)), "white"
+    )
+    draw = ImageDraw.Draw(sheet)
+    titles = (["reference"] if ref is not None else []) + _sheet_labels(meta)
+    for c, title in enumerate(titles[:cols]):
+        draw.text((label_w + pad + c * (w * scale + pad), 2), title, fill="black")
+    for i, r in enumerate(rows):
+        y = header + i * (h * scale + pad)
+        draw.text((pad, y + 4), r.label, fill="black")
+        frames = ([np.asarray(ref)] if ref is not None else []) + list(r.snapshots)
+        for c, frame in enumerate(frames):
+            img = Image.fromarray(np.asarray(frame, dtype=np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
+            sheet.paste(img, (label_w + pad + c * (w * scale + pad), y))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return True
 
 
 def plot_drift(results: Sequence[RowResult], path: str) -> bool:

@@ -150,17 +150,49 @@ def test_writer_tables_and_json(tmp_path):
         RowResult("rapr", "+ RAPR", "student", "w", short=vals, long={**vals, "identity_last": 0.8},
                   buckets={"time_s": [0.0, 10.0], "identity": [0.9, 0.8], "sync_c": [2.5, 2.4]}, rtf=1.0),
         RowResult("baseline", "Baseline", "student", "w", status="w missing"),
-        RowResult("pre_mask", "Pre-Mask", "teacher", "t", short={"sync_c": 1.0, "lbkv": 0.001, "lhkv": 0.002,
-                  "lfkv": 0.003, "hkv": 30.0, "fd_pose": None}),
+        RowResult("pre_mask", "Pre-Mask", "teacher", "t", short={"sync_c": 1.0, "lbkv": 6.652, "lhkv": 111.448,
+                  "lfkv": 0.4376, "hkv": 30.0, "fd_pose": None}),
     ]  # fmt: skip
-    meta = {"identities": 2, "seconds": 20.0, "bucket_s": 10.0, "short_s": 4.0, "identity_measure": "pixel"}
+    real = {"sync_c": 4.2, "lbkv": 17.05, "lhkv": 239.44, "lfkv": 0.76, "hkv": 516.0, "fd_pose": None}
+    meta = {"identities": 2, "seconds": 20.0, "bucket_s": 10.0, "short_s": 4.0, "identity_measure": "pixel",
+            "real": real, "reference_image": np.zeros((8, 8, 3), np.uint8)}  # fmt: skip
     written = write_outputs(rows, meta, str(tmp_path / "ablation.md"), None, "dystream ablation eval")
     md = (tmp_path / "ablation.md").read_text()
     assert "| + RAPR | 0.900 | 2.50 | 40.0 | 0.10 | 0.900 | 0.800 |" in md
-    assert "| Pre-Mask | 1.00 | 0.00100 | 0.00200 | 0.00300 | 30.0 | n/a |" in md
+    assert "| Real clips (reference) | 4.20 | 17.05 | 239.4 | 0.76 | 516.0 | n/a |" in md
+    assert "| Pre-Mask | 1.00 | 6.65 | 111.4 | 0.44 | 30.0 | n/a |" in md
     assert "- baseline: w missing" in md and "`dystream ablation eval`" in md
     data = json.loads((tmp_path / "ablation.json").read_text())
     assert [r["name"] for r in data["rows"]] == ["rapr", "baseline", "pre_mask"] and len(written) == 2
+    assert data["meta"]["real"]["lhkv"] == 239.44 and "reference_image" not in data["meta"]
+
+
+def test_frame_sheet_shows_reference_and_each_rows_stream(tmp_path):
+    from PIL import Image
+
+    from dystream.evaluation.ablation import RowResult, snapshot_frames, write_outputs
+
+    picks = snapshot_frames(3000)  # a 120-s stream: 0, 20, ..., 100 s and its last frame
+    assert picks == [0, 500, 1000, 1500, 2000, 2500, 2999] and snapshot_frames(30) == [0, 29]
+    vals = {"identity": 0.9, "sync_c": 2.5, "hkv": 40.0, "fd_pose": 0.1}
+    colours = [(255, 0, 0), (0, 0, 255)]
+    rows = [
+        RowResult(n, n, "student", "w", short=vals, long={**vals, "identity_last": 0.8},
+                  buckets={"time_s": [0.0], "identity": [0.9], "sync_c": [2.5]},
+                  snapshots=np.broadcast_to(np.array(c, np.uint8), (len(picks), 8, 8, 3)).copy())
+        for n, c in zip(("baseline", "rapr"), colours, strict=True)
+    ]  # fmt: skip
+    meta = {"identities": 1, "seconds": 120.0, "bucket_s": 10.0, "short_s": 4.0, "identity_measure": "pixel",
+            "reference_image": np.full((8, 8, 3), 255, np.uint8), "sheet_frames": picks}  # fmt: skip
+    sheet = tmp_path / "frames.png"
+    written = write_outputs(rows, meta, str(tmp_path / "ablation.md"), None, "x", str(sheet))
+    assert str(sheet) in written and "frames.png" in (tmp_path / "ablation.md").read_text()
+    img = np.asarray(Image.open(sheet).convert("RGB"))
+    # each row's colour fills exactly its time columns (8x8 frames drawn at scale 2), in one band of rows
+    for colour in colours:
+        ys, _ = np.nonzero(np.all(img == colour, axis=-1))
+        assert len(ys) == len(picks) * 16 * 16 and ys.max() - ys.min() == 15
+    assert np.all(img == (255, 255, 255), axis=-1).sum() > 2 * 16 * 16
 
 
 def test_writer_drift_plot(tmp_path):
