@@ -34,8 +34,8 @@ CHAIN_EQUIVALENT = {
     "runs/ablation/full/stage2_gan/student.safetensors": "runs/stage2_gan",
 }
 # minutes per stage on 2 CPU cores with the recipes' budgets (the chain's last measured runs), used when
-# runs/summary.json has no time for the stage; stage2_gan's full run is not measured yet: 6.0 is a guess
-DEFAULT_MINUTES = {"teacher": 8.3, "stage1_ode": 1.5, "stage1_sid": 6.8, "stage2_gan": 6.0}
+# runs/summary.json has no time for the stage (stage2_gan: the two runs of `make ablation`, 5.6 and 5.3 min)
+DEFAULT_MINUTES = {"teacher": 8.3, "stage1_ode": 1.5, "stage1_sid": 6.8, "stage2_gan": 5.5}
 # seconds of work per second of stream for the mini student at 64x64 on 2 uncontended CPU cores, measured by
 # `make ablation` (2026-12-04): StreamingAvatar runs at a real-time factor of 0.18-0.21, and scoring (Sync-C, pose,
 # identity) brings a row's total to 128 s for 4 x 120 s of stream
