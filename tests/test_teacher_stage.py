@@ -59,6 +59,29 @@ def test_loss_goes_down_on_a_fixed_batch(vae_file, tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
 
 
+def test_cosine_schedule_warms_up_then_decays_the_teacher_lr_to_the_floor(vae_file, tmp_path):
+    import lightning as L
+
+    stage = TeacherStage(vae=vae_file, export_dir=str(tmp_path), lr=1e-3, warmup_steps=2, lr_schedule="cosine",
+                         min_lr_ratio=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="TeacherStage.lr_schedule"):
+        stage.configure_optimizers()  # no trainer: no max_steps to decay towards
+    stage.trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    config = stage.configure_optimizers()
+    opt, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)  # linear warm-up
+    assert lrs[7] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way down the cosine
+    assert lrs[12] == pytest.approx(1e-4) and lrs[13] == pytest.approx(1e-4)  # the floor at max_steps, then held
+    constant = TeacherStage(vae=vae_file, export_dir=str(tmp_path), lr=1e-3, warmup_steps=2)
+    constant.trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert constant.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0](11) == 1.0
+
+
 def test_predict_writes_mp4_with_audio_of_the_right_duration(vae_file, tmp_path):
     stage = TeacherStage(vae=vae_file, export_dir=str(tmp_path), sample_steps=2)
     batch = _batch(b=1, t=8)

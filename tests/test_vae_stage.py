@@ -255,7 +255,7 @@ def test_mouth_and_hands_weights_cover_only_their_boxes_and_train(tmp_path):
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
-    from dystream.stages.vae import _lr_factor
+    from dystream.stages.common import lr_factor as _lr_factor
 
     f = [_lr_factor(s, warmup=10, total=110, cosine=True, floor=0.1) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warm-up

@@ -1,15 +1,49 @@
-"""Pieces every stage shares: freezing, EMA, loading the networks earlier stages handed over."""
+"""Pieces every stage shares: freezing, EMA, the learning-rate schedule, loading the networks earlier stages handed
+over."""
 
 from __future__ import annotations
 
 import copy
+import math
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from dystream.zoo import resolve
 from dystream.zoo.files import WeightFileError, load_model, read_metadata
+
+LRSchedule = Literal["constant", "cosine"]
+
+
+def lr_factor(step: int, warmup: int, total: int, cosine: bool, floor: float) -> float:
+    """Learning-rate factor at ``step``: linear warm-up, then constant or a cosine decay to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_scheduler(
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    warmup_steps: int,
+    max_steps: int,
+    min_lr_ratio: float,
+    owner: str,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step scheduler: linear warm-up over ``warmup_steps``, then constant or a cosine decay to
+    ``min_lr_ratio * lr`` at ``max_steps`` (the trainer's; a cosine needs it set, ``owner`` names the stage)."""
+    if schedule == "cosine" and max_steps < 1:
+        raise ValueError(
+            f"{owner}.lr_schedule: cosine decays to the end of the run and needs trainer.max_steps, got {max_steps}"
+        )  # a run shorter than the warm-up (a smoke test) simply ends while warming up
+    factor = partial(lr_factor, warmup=warmup_steps, total=max_steps, cosine=schedule == "cosine", floor=min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -34,7 +34,7 @@ from dystream.objectives.flow_matching import (
     region_loss_weight,
 )
 from dystream.scale import exports_during_training, shards_parameters
-from dystream.stages.common import EMA
+from dystream.stages.common import EMA, LRSchedule, warmup_scheduler
 from dystream.stages.conditioning import AvatarConditioner, DiTPresetName, build_dit, check_cached_latents
 from dystream.streaming.video_io import write_mp4
 from dystream.zoo.files import save_model
@@ -58,6 +58,9 @@ class TeacherStage(L.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up.
+        lr_schedule: after the warm-up, ``constant`` or ``cosine`` (decay to ``min_lr_ratio * lr`` at
+            ``trainer.max_steps``).
+        min_lr_ratio: the cosine schedule's final learning rate, as a fraction of ``lr``.
         ema_decay: decay of the exponential moving average of the DiT weights.
         ema_start_step: step from which the EMA decays (before it, it tracks the weights).
         sigma_distribution: distribution of training sigmas before the shift.
@@ -88,6 +91,8 @@ class TeacherStage(L.LightningModule):
         lr: PositiveFloat = 2e-4,
         weight_decay: NonNegativeFloat = 0.0,
         warmup_steps: NonNegativeInt = 50,
+        lr_schedule: LRSchedule = "constant",
+        min_lr_ratio: NonNegativeFloat = 0.0,
         ema_decay: ClosedUnitInterval = 0.999,
         ema_start_step: NonNegativeInt = 0,
         sigma_distribution: Literal["uniform", "logit_normal"] = "logit_normal",
@@ -177,8 +182,9 @@ class TeacherStage(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.dit.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        hp = self.hparams
+        total = self.trainer.max_steps if self._trainer is not None else -1
+        sched = warmup_scheduler(opt, hp.lr_schedule, max(1, hp.warmup_steps), total, hp.min_lr_ratio, "TeacherStage")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- validation: loss at fixed noise, one sampled video --------------------------------------

@@ -26,8 +26,6 @@ the file later stages load.
 from __future__ import annotations
 
 import io
-import math
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +56,7 @@ from dystream.objectives.vae import (
     region_l1_loss,
 )
 from dystream.scale import exports_during_training
+from dystream.stages.common import LRSchedule, warmup_scheduler
 from dystream.zoo.files import save_model
 
 VAEPresetName = Literal["tiny", "tiny-f4", "ref-dc-f32t4c16"]
@@ -117,7 +116,7 @@ class VAEStage(L.LightningModule):
         architecture: dict[str, Any] | None = None,
         discriminator_preset: DiscriminatorPresetName = "tiny",
         lr: PositiveFloat = 2e-4,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_schedule: LRSchedule = "constant",
         warmup_steps: NonNegativeInt = 0,
         min_lr_ratio: NonNegativeFloat = 0.0,
         disc_lr: PositiveFloat = 2e-4,
@@ -305,14 +304,8 @@ class VAEStage(L.LightningModule):
         total = self.trainer.max_steps if self._trainer is not None else -1
         if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
             return optimizers if len(optimizers) > 1 else opt_g
-        if hp.lr_schedule == "cosine" and total < 1:
-            raise ValueError(
-                f"VAEStage.lr_schedule: cosine decays to the end of the run and needs trainer.max_steps, got {total}"
-            )  # a run shorter than the warm-up (a smoke test) simply ends while warming up
-        schedule = partial(
-            _lr_factor, warmup=hp.warmup_steps, total=total, cosine=hp.lr_schedule == "cosine", floor=hp.min_lr_ratio
-        )
-        return optimizers, [torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)]
+        scheduler = warmup_scheduler(opt_g, hp.lr_schedule, hp.warmup_steps, total, hp.min_lr_ratio, "VAEStage")
+        return optimizers, [scheduler]
 
     # ------------------------------------------------------------------ validation
     def _val_k(self, available: int) -> int:
@@ -397,16 +390,6 @@ class VAEStage(L.LightningModule):
 
 def _no_closure() -> None:
     return None
-
-
-def _lr_factor(step: int, warmup: int, total: int, cosine: bool, floor: float) -> float:
-    """Learning-rate factor at ``step``: linear warm-up, then constant or a cosine decay to ``floor`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if not cosine:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _add_gif(writer: Any, tag: str, frames: Tensor, step: int, fps: int = 25) -> None:
