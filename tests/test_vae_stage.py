@@ -207,6 +207,28 @@ def test_face_box_mask_and_region_l1_match_a_direct_computation():
     assert torch.all(recon.grad[~sel] == 0) and torch.all(recon.grad[sel] != 0)  # only face pixels get a gradient
 
 
+def test_colour_term_sees_a_tint_but_not_a_zero_mean_error(tmp_path):
+    from dystream.objectives.vae import colour_l1_loss, l1_loss
+
+    target = torch.rand(2, 3, 4, 8, 8) * 2 - 1
+    pattern = torch.randn(2, 3, 4, 8, 8)
+    pattern = pattern - pattern.mean(dim=(-2, -1), keepdim=True)  # per-frame zero mean: texture, no tint
+    assert colour_l1_loss(target + pattern, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert l1_loss(target + pattern, target).item() > 0.5  # while the per-pixel L1 pays for it
+    tint = torch.tensor([0.02, -0.01, 0.0]).view(1, 3, 1, 1, 1)
+    recon = (target + tint).requires_grad_()
+    assert colour_l1_loss(recon, target).item() == pytest.approx(0.01, rel=1e-4)  # mean of |0.02|, |-0.01|, 0
+    colour_l1_loss(recon, target).backward()
+    grad = recon.grad
+    assert torch.all(grad[:, 0] > 0) and torch.all(grad[:, 1] < 0)  # every pixel is pushed against its tint
+    assert torch.allclose(grad[:, 0], grad[0, 0, 0, 0, 0].expand_as(grad[:, 0]))  # evenly
+    with pytest.raises(ValueError, match="colour_l1_loss"):
+        colour_l1_loss(recon[:, :, 0], target[:, :, 0])
+    stage = VAEStage(colour_weight=1.0, disc_weight=0.0, max_references=1, export_dir=str(tmp_path))
+    _trainer(tmp_path, 2).fit(stage, _loader(_batch(), 2))
+    assert "train/colour_l1" in stage.trainer.logged_metrics
+
+
 def test_face_weight_adds_the_face_term_and_needs_keypoints(tmp_path):
     batch = _batch(t=4)
     stage = VAEStage(face_weight=2.0, disc_weight=0.0, export_dir=str(tmp_path))

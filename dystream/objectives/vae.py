@@ -84,6 +84,14 @@ def region_l1_loss(recon: Tensor, target: Tensor, region: Tensor) -> Tensor:
     return ((recon - target).abs() * weight).sum() / (weight.sum() * c).clamp_min(1.0)
 
 
+def colour_l1_loss(recon: Tensor, target: Tensor) -> Tensor:
+    """Mean over clips, channels and frames of ``|mean colour of recon - mean colour of target|`` (the frame's mean
+    over its pixels): the per-pixel L1 is median-seeking and leaves a clip-wide tint it hardly pays for."""
+    if recon.shape != target.shape or recon.ndim != 5:
+        raise ValueError(f"colour_l1_loss: recon {tuple(recon.shape)} and target {tuple(target.shape)} must match, 5-D")
+    return (recon.mean(dim=(-2, -1)) - target.mean(dim=(-2, -1))).abs().mean()
+
+
 def kl_loss(mean: Tensor, logvar: Tensor) -> Tensor:
     """Mean over latent elements of ``KL(N(mean, exp(logvar)) || N(0, 1))`` (Kingma & Welling, App. B)."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()

@@ -47,6 +47,7 @@ from dystream.models.vae import (
 from dystream.objectives.vae import (
     adaptive_gan_weight,
     build_lpips,
+    colour_l1_loss,
     generator_adversarial_loss,
     hinge_discriminator_loss,
     keypoint_box_mask,
@@ -92,6 +93,8 @@ class VAEStage(L.LightningModule):
         hands_weight: weight of an extra L1 term over each hand's box (either hand's points, enlarged by
             ``hands_pad``): gesturing hands are small and fast, and the plain L1 lets them blur away.
         hands_pad: enlargement of each hand box on each side, as a fraction of its size.
+        colour_weight: weight of the L1 between each frame's mean colour and the real frame's, per channel: a
+            clip-wide tint costs the per-pixel L1 little (docs/vae.md); 0 = off.
         kl_weight: weight of the KL term, averaged over latent elements.
         disc_weight: scale of LDM's adaptive GAN weight; 0 disables the discriminator.
         disc_start: training step from which the adversarial terms are on (before it the
@@ -131,6 +134,7 @@ class VAEStage(L.LightningModule):
         mouth_pad: NonNegativeFloat = 0.5,
         hands_weight: NonNegativeFloat = 0.0,
         hands_pad: NonNegativeFloat = 0.25,
+        colour_weight: NonNegativeFloat = 0.0,
         kl_weight: NonNegativeFloat = 1e-4,
         disc_weight: NonNegativeFloat = 0.05,
         disc_start: NonNegativeInt = 2000,
@@ -253,6 +257,10 @@ class VAEStage(L.LightningModule):
             hands = self.region_l1(batch, out.recon, clip, (LEFT_HAND, RIGHT_HAND), hp.hands_pad)
             nll = nll + hp.hands_weight * hands
             logs["hands_l1"] = hands.detach()
+        if hp.colour_weight > 0:
+            colour = colour_l1_loss(out.recon, clip)
+            nll = nll + hp.colour_weight * colour
+            logs["colour_l1"] = colour.detach()
         if self.lpips is not None and hp.lpips_weight > 0:
             perceptual = lpips_video(self.lpips, out.recon, clip, frames=hp.lpips_frames)
             nll = nll + hp.lpips_weight * perceptual
