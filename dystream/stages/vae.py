@@ -94,7 +94,8 @@ class VAEStage(L.LightningModule):
             ``hands_pad``): gesturing hands are small and fast, and the plain L1 lets them blur away.
         hands_pad: enlargement of each hand box on each side, as a fraction of its size.
         colour_weight: weight of the L1 between each frame's mean colour and the real frame's, per channel: a
-            clip-wide tint costs the per-pixel L1 little (docs/vae.md); 0 = off.
+            clip-wide tint costs the per-pixel L1 little; 0 = off. Measured at the embedded scale: no gain, more
+            background speckle (docs/vae.md, row p).
         kl_weight: weight of the KL term, averaged over latent elements.
         disc_weight: scale of LDM's adaptive GAN weight; 0 disables the discriminator.
         disc_start: training step from which the adversarial terms are on (before it the
