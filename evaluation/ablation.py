@@ -380,6 +380,7 @@ def evaluate_rows(
     real = real_eval.features.get("fd_pose")
     n = len(clips.keys)
     inputs = [long_stream_inputs(clips.audio_self, clips.audio_other, clips.masks, cfg.seconds, i) for i in range(n)]
+    sheet_frames = snapshot_frames(round(cfg.seconds * FPS))  # the frame sheet's time points in every stream
     results = []
     for row in rows:
         path = weights.get(row.name, row.weights)
@@ -392,7 +393,7 @@ def evaluate_rows(
         t0 = time.perf_counter()
         if row.kind == "student":
             videos, res.rtf = stream_row(path, clips.references, inputs, seed=cfg.seed, log=log)
-            res.snapshots = videos[0][snapshot_frames(round(cfg.seconds * FPS))]
+            res.snapshots = videos[0][sheet_frames]
             res.short, res.long, res.buckets = score_streams(
                 suite, videos, inputs, clips.references, real, cfg.bucket_s, cfg.short_s
             )
@@ -410,7 +411,7 @@ def evaluate_rows(
         # the real clips' own values (Table 3's reference row): the listening motion the teachers should match
         "real": {k: _number(real_eval.values.get(k)) for k in TEACHER_METRICS},
         "reference_image": clips.references[0],
-        "sheet_frames": snapshot_frames(round(cfg.seconds * FPS)),
+        "sheet_frames": sheet_frames,
         "unavailable": suite.unavailable,
         "config": asdict(cfg),
     }

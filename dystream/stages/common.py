@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -29,18 +30,19 @@ def lr_factor(step: int, warmup: int, total: int, cosine: bool, floor: float) ->
 
 
 def warmup_scheduler(
+    stage: L.LightningModule,
     optimizer: torch.optim.Optimizer,
     schedule: LRSchedule,
     warmup_steps: int,
-    max_steps: int,
     min_lr_ratio: float,
-    owner: str,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step scheduler: linear warm-up over ``warmup_steps``, then constant or a cosine decay to
-    ``min_lr_ratio * lr`` at ``max_steps`` (the trainer's; a cosine needs it set, ``owner`` names the stage)."""
+    ``min_lr_ratio * lr`` at the ``stage``'s ``trainer.max_steps`` (a cosine needs a trainer with it set)."""
+    max_steps = stage.trainer.max_steps if stage._trainer is not None else -1
     if schedule == "cosine" and max_steps < 1:
         raise ValueError(
-            f"{owner}.lr_schedule: cosine decays to the end of the run and needs trainer.max_steps, got {max_steps}"
+            f"{type(stage).__name__}.lr_schedule: cosine decays to the end of the run and needs trainer.max_steps, "
+            f"got {max_steps}"
         )  # a run shorter than the warm-up (a smoke test) simply ends while warming up
     factor = partial(lr_factor, warmup=warmup_steps, total=max_steps, cosine=schedule == "cosine", floor=min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

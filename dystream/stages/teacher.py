@@ -180,11 +180,10 @@ class TeacherStage(L.LightningModule):
         self.ema.update(self.dit, self.global_step)
 
     def configure_optimizers(self):
-        params = [p for p in self.dit.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         hp = self.hparams
-        total = self.trainer.max_steps if self._trainer is not None else -1
-        sched = warmup_scheduler(opt, hp.lr_schedule, max(1, hp.warmup_steps), total, hp.min_lr_ratio, "TeacherStage")
+        params = [p for p in self.dit.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        sched = warmup_scheduler(self, opt, hp.lr_schedule, hp.warmup_steps, hp.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- validation: loss at fixed noise, one sampled video --------------------------------------

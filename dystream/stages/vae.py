@@ -310,10 +310,9 @@ class VAEStage(L.LightningModule):
         optimizers = [opt_g]
         if self.disc is not None:
             optimizers.append(torch.optim.Adam(self.disc.parameters(), lr=hp.disc_lr, betas=betas))
-        total = self.trainer.max_steps if self._trainer is not None else -1
         if hp.lr_schedule == "constant" and hp.warmup_steps == 0:
             return optimizers if len(optimizers) > 1 else opt_g
-        scheduler = warmup_scheduler(opt_g, hp.lr_schedule, hp.warmup_steps, total, hp.min_lr_ratio, "VAEStage")
+        scheduler = warmup_scheduler(self, opt_g, hp.lr_schedule, hp.warmup_steps, hp.min_lr_ratio)
         return optimizers, [scheduler]
 
     # ------------------------------------------------------------------ validation
