@@ -29,8 +29,9 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 # Stages: the chain every recipe sits on. `make train RECIPE=X` first builds (once) the outputs
 # of the stages X needs (NEEDS_X, one or more stages), then trains X. Outputs live under runs/<stage>/.
 RUNS ?= runs
-CHAIN := vae audio teacher ode_pairs stage1_ode stage1_sid stage2_gan
-NEEDS_teacher := vae audio
+CHAIN := vae audio latents teacher ode_pairs stage1_ode stage1_sid stage2_gan
+NEEDS_latents := vae
+NEEDS_teacher := vae audio latents
 NEEDS_ode_pairs := teacher
 NEEDS_stage1_ode := ode_pairs
 NEEDS_stage1_sid := stage1_ode
@@ -38,6 +39,11 @@ NEEDS_stage2_gan := stage1_sid
 # the Lightning subcommand that runs a stage (default fit) and the file that marks it done
 RUN_ode_pairs := predict
 DONE_ode_pairs := $(RUNS)/ode_pairs/pairs/index.json
+# latents: the training clips encoded once by the frozen VAE, so the teacher trains without the VAE encoder in its
+# step (docs/recipes.md, "Training from cached latents"); a tool, not a Lightning recipe
+CMD_latents = $(DYSTREAM) data encode --vae $(RUNS)/vae/vae.safetensors --shards data/synthetic/train \
+	--out $(RUNS)/latents/train --shard-samples 16
+DONE_latents := $(RUNS)/latents/train/index.json
 done = $(if $(1),$(or $(DONE_$(1)),$(RUNS)/$(1)/checkpoints/last.ckpt))
 
 # default: the furthest stage of the chain whose recipe exists (stage1_sid once it lands)
@@ -87,7 +93,7 @@ train: $(STAMP) | plan $$(call dones,$$(NEEDS_$$(RECIPE))) ## train RECIPE (defa
 # per stage: make never uses the same pattern rule twice in one chain).
 define stage_rule
 $(call done,$(1)): | $(STAMP) $(call dones,$(NEEDS_$(1)))
-	@$$(call CHAIN_RUN,$(1)) $(DYSTREAM) $(or $(RUN_$(1)),fit) --config recipes/$(1).yaml
+	@$$(call CHAIN_RUN,$(1)) $(or $(CMD_$(1)),$(DYSTREAM) $(or $(RUN_$(1)),fit) --config recipes/$(1).yaml)
 endef
 $(foreach s,$(CHAIN),$(eval $(call stage_rule,$(s))))
 

@@ -11,6 +11,8 @@ A training batch holds what the DiT stages would have encoded, taken from the ca
                                               latent frames of the window (video frames 4j .. 4(j + F) - 1, j >= 1)
     references   float32 [B, 1, 3, H, W]      reference frame 0 in [-1, 1] (the decoder's guidance for samples)
     audio_self, audio_other  float32 [B, T * 640]; mask float32 [B, T]; key list of str
+    kpts         float32 [B, T, K, 3]         the window's keypoints in pixels of the encoded frames, when the
+                                              shards carry them (the teacher's `mouth_weight` reads them)
 
 The reference is always the clip's frame 0, because the cached latents were encoded with it as the VAE's guidance;
 the window starts at latent frame 1 + j with j >= 1, so the reference lies outside it, as `ClipDecoder` draws it.
@@ -34,6 +36,7 @@ from dystream.datamodules.speakervid import (
     DEFAULT_VAL_SHARDS,
     BadSample,
     SpeakerVidDataModule,
+    square_crop_keypoints,
     synthesize_default,
 )
 
@@ -77,7 +80,7 @@ class LatentWindowDecoder:
         start = j * per_latent
         a0, a1 = start * SAMPLES_PER_FRAME, (start + t) * SAMPLES_PER_FRAME
         reference = s["references"][0].permute(2, 0, 1).float() / 127.5 - 1.0  # [3, H, W]
-        return {
+        window = {
             "latents": torch.cat([latents[:, :1], latents[:, 1 + j : 1 + j + f]], dim=1).contiguous(),
             "references": reference[None].contiguous(),
             "audio_self": s["audio_self"][a0:a1].float().contiguous(),
@@ -86,6 +89,26 @@ class LatentWindowDecoder:
             "key": s["key"],
             "start": start,  # the window's first video frame: not collated, for tests and tools
         }
+        kpts = window_keypoints(s, start, t)
+        if kpts is not None:
+            window["kpts"] = kpts
+        return window
+
+
+def window_keypoints(s: dict[str, Any], start: int, frames: int) -> torch.Tensor | None:
+    """A latent sample's keypoints for video frames ``start .. start + frames - 1``, mapped from the source frames'
+    pixels to the encoded frames' (`square_crop_keypoints`); None when the sample has none or its source size is
+    unknown (shards of an older `dystream data encode` without `source_hw` and a clip json without height/width)."""
+    if "kpts" not in s:
+        return None
+    info = s["meta"].get("latents", {})
+    hw = info.get("source_hw") or [s["meta"].get("height"), s["meta"].get("width")]
+    if None in hw or "size" not in info:
+        return None
+    kpts = s["kpts"].numpy()
+    if kpts.ndim != 3 or kpts.shape[-1] != 3 or kpts.shape[0] < start + frames:
+        raise BadSample("bad_keypoints", f"kpts must be float [T, K, 3] covering the window, got {tuple(kpts.shape)}")
+    return torch.from_numpy(square_crop_keypoints(kpts[start : start + frames], int(hw[0]), int(hw[1]), info["size"]))
 
 
 def latent_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -93,6 +116,8 @@ def latent_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {
         k: torch.stack([s[k] for s in samples]) for k in ("latents", "references", "audio_self", "audio_other", "mask")
     }
+    if all("kpts" in s for s in samples) and len({tuple(s["kpts"].shape) for s in samples}) == 1:
+        batch["kpts"] = torch.stack([s["kpts"] for s in samples])
     batch["key"] = [s["key"] for s in samples]
     return batch
 

@@ -11,8 +11,8 @@ latent sample per source clip, keys unchanged, in WebDataset shards with an ``in
     KEY.self.wav         16 kHz mono, copied from the source sample (all n_frames frames)
     KEY.other.wav        16 kHz mono, copied
     KEY.mask.npy         uint8 [n_frames], copied
-    KEY.kpts.npy         copied when present (pixel coordinates of the source frames)
-    KEY.json             source metadata + "latents": {vae, vae_sha256, size, covered_frames,
+    KEY.kpts.npy         copied when present (pixel coordinates of the source frames, `source_hw`)
+    KEY.json             source metadata + "latents": {vae, vae_sha256, size, source_hw, covered_frames,
                          ref_indices, frames_per_latent, latent_channels, dtype}
 
 How the latents are made (the same calls as the DiT stages' online path,
@@ -184,6 +184,7 @@ def encode_sample(
     meta["latents"] = {
         **vae_info,
         "size": size,
+        "source_hw": [int(frames.shape[1]), int(frames.shape[2])],  # the frames kpts.npy's pixels refer to
         "covered_frames": covered,
         "ref_indices": refs,
         "frames_per_latent": vae.config.temporal_factor,

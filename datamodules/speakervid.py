@@ -321,14 +321,7 @@ class ClipDecoder:
         else:
             x = x.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
         if kpts is not None:
-            kpts = kpts.copy()
-            scale = self.size / side
-            kpts[..., 0] = (kpts[..., 0] - left) * scale
-            kpts[..., 1] = (kpts[..., 1] - top) * scale
-            outside = (
-                (kpts[..., 0] < 0) | (kpts[..., 0] >= self.size) | (kpts[..., 1] < 0) | (kpts[..., 1] >= self.size)
-            )
-            kpts[..., 2] = np.where(outside, 0.0, kpts[..., 2])
+            kpts = square_crop_keypoints(kpts, h, w, self.size)
         return x.astype(np.float32, copy=False), kpts
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator, repairs: list[str]) -> dict[str, Any]:
@@ -375,6 +368,21 @@ class ClipDecoder:
         if win_kpts is not None:
             out["kpts"] = torch.from_numpy(win_kpts)
         return out
+
+
+def square_crop_keypoints(kpts: np.ndarray, height: int, width: int, size: int) -> np.ndarray:
+    """Keypoints ``[..., K, 3]`` (x, y, confidence) in pixels of ``height x width`` frames -> pixels of the frames
+    centre-cropped to a square and resized to ``size`` (the map of `ClipDecoder` and `dystream data encode`); a point
+    that leaves the frame gets confidence 0."""
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    kpts = np.array(kpts, dtype=np.float32)
+    scale = size / side
+    kpts[..., 0] = (kpts[..., 0] - left) * scale
+    kpts[..., 1] = (kpts[..., 1] - top) * scale
+    outside = (kpts[..., 0] < 0) | (kpts[..., 0] >= size) | (kpts[..., 1] < 0) | (kpts[..., 1] >= size)
+    kpts[..., 2] = np.where(outside, 0.0, kpts[..., 2])
+    return kpts
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -116,14 +116,18 @@ def stage_output(run_dir: str | Path, done: str | Path | None = None, stage: str
     return str(done) if done else str(run_dir)
 
 
-def _pairs_summary(done: Path) -> str | None:
-    """ODE pairs (a predict stage, no validation): how many pairs its index lists."""
+# what the samples of a stage without validation are (its done file is the index.json of the shards it writes)
+INDEX_NOUNS = {"ode_pairs": "pair samples", "latents": "latent samples"}
+
+
+def _index_summary(done: Path, stage: str) -> str | None:
+    """ODE pairs, cached latents (no validation): how many samples the index of their shards lists."""
     try:
         index = json.loads(done.read_text())
     except (OSError, json.JSONDecodeError):
         return None
     total = index.get("total_samples")
-    return None if total is None else f"{total} pair samples"
+    return None if total is None else f"{total} {INDEX_NOUNS.get(stage, 'samples')}"
 
 
 # ---------------------------------------------------------------------------------------------- summary files
@@ -187,7 +191,7 @@ def record(
     metric = key_metric(stage, run_dir)
     text = str(metric) if metric else None
     if text is None and done is not None and Path(done).suffix == ".json":
-        text = _pairs_summary(Path(done))
+        text = _index_summary(Path(done), stage)
     summary = load_summary(runs)
     entry = {
         "seconds": round(float(seconds), 1),

@@ -132,8 +132,9 @@ def test_make_train_prints_the_plan_then_runs_each_stage_through_chain_run(tmp_p
     lines = [line.strip() for line in proc.stdout.splitlines() if "dystream chain" in line]
     assert "chain plan" in lines[0] and f"--stage vae={runs}/vae/checkpoints/last.ckpt" in lines[0]
     assert "--train ode_pairs" in proc.stdout
-    assert len(lines) == 4  # the plan, then audio and teacher (vae is done), then the recipe itself
+    assert len(lines) == 5  # the plan, then audio, latents and teacher (vae is done), then the recipe itself
     assert "--stage audio" in lines[1] and lines[1].endswith("fit --config recipes/audio.yaml")
-    assert "--stage teacher" in lines[2] and lines[2].endswith("fit --config recipes/teacher.yaml")
-    assert "--stage ode_pairs" in lines[3] and lines[3].endswith("predict --config recipes/ode_pairs.yaml")
-    assert '--of "vae audio teacher ode_pairs"' in lines[3]  # the teacher needs both the VAE and the audio stage
+    assert "--stage latents" in lines[2] and f"data encode --vae {runs}/vae/vae.safetensors" in lines[2]
+    assert "--stage teacher" in lines[3] and lines[3].endswith("fit --config recipes/teacher.yaml")
+    assert "--stage ode_pairs" in lines[4] and lines[4].endswith("predict --config recipes/ode_pairs.yaml")
+    assert '--of "vae audio latents teacher ode_pairs"' in lines[4]  # the teacher needs the VAE, audio, latents

@@ -69,6 +69,30 @@ def test_a_window_is_the_causal_encoders_latents_of_its_frames_with_their_audio(
             torch.testing.assert_close(w["mask"], cached["mask"][start : start + T])
 
 
+def test_a_windows_keypoints_follow_the_encoded_frames(world, tmp_path):
+    """Latents encoded at half the clips' size: the window's keypoints are the source keypoints of its frames,
+    scaled to the encoded frames' pixels (so the teacher's mouth weight finds the lips)."""
+    half = tmp_path / "half"
+    export_latents(world["vae_path"], str(world["root"] / "data" / "train"), half, size=SIZE // 2, log=False)
+    sample = next(iter_tar_samples(resolve_shards(str(half)).urls[0]))
+    source = read_latent_sample(sample)["kpts"].numpy()  # [n, K, 3] in pixels of the 32x32 clip
+    assert json.loads(sample["json"])["latents"]["source_hw"] == [SIZE, SIZE]
+    w = LatentWindowDecoder(T)(sample, np.random.default_rng(3), [])
+    expected = source[w["start"] : w["start"] + T].copy()
+    expected[..., :2] *= 0.5
+    expected[..., 2] = np.where((expected[..., :2] < 0).any(-1) | (expected[..., :2] >= SIZE // 2).any(-1), 0,
+                                expected[..., 2])  # fmt: skip
+    np.testing.assert_allclose(w["kpts"].numpy(), expected, rtol=0, atol=1e-5)
+    meta = json.loads(sample["json"])
+    meta["latents"].pop("source_hw")  # shards of an older `dystream data encode`: the clip json's size serves
+    older = LatentWindowDecoder(T)(dict(sample, json=json.dumps(meta).encode()), np.random.default_rng(3), [])
+    torch.testing.assert_close(older["kpts"], w["kpts"])
+    unknown = {k: v for k, v in meta.items() if k not in ("height", "width")}
+    assert "kpts" not in LatentWindowDecoder(T)(
+        dict(sample, json=json.dumps(unknown).encode()), np.random.default_rng(3), []
+    )
+
+
 def test_training_batches_come_from_latents_and_validation_from_clips(world):
     dm = _module(world)
     dm.setup("fit")
@@ -76,6 +100,7 @@ def test_training_batches_come_from_latents_and_validation_from_clips(world):
     assert batch["latents"].shape == (2, 16, 1 + T // 4, SIZE // 8, SIZE // 8) and "video" not in batch
     assert batch["references"].shape == (2, 1, 3, SIZE, SIZE) and batch["audio_self"].shape == (2, T * 640)
     assert batch["mask"].shape == (2, T) and len(batch["key"]) == 2
+    assert batch["kpts"].shape == (2, T, 134, 3)  # the windows' keypoints (dwpose134), for the mouth weight
     val = next(iter(dm.val_dataloader()))
     assert val["video"].shape == (2, 3, T, SIZE, SIZE) and "latents" not in val
     assert dm.vae_sha256 == json.loads((world["root"] / "latents" / "index.json").read_text())["vae_sha256"]
@@ -98,7 +123,8 @@ def test_bad_latent_inputs_name_the_fix(world, tmp_path):
 
 def test_teacher_trains_on_cached_latents_and_refuses_another_vaes(world, tmp_path):
     dm = _module(world)
-    stage = TeacherStage(vae=world["vae_path"], export_dir=str(tmp_path / "teacher"), warmup_steps=1, sample_steps=1)
+    stage = TeacherStage(vae=world["vae_path"], export_dir=str(tmp_path / "teacher"), warmup_steps=1, sample_steps=1,
+                         mouth_weight=4.0)  # fmt: skip
     trainer = L.Trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")  # fmt: skip
     before = [p.detach().clone() for p in stage.dit.parameters()]

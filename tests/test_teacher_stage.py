@@ -122,3 +122,29 @@ def test_export_records_the_training_shift_and_later_stages_default_to_it(vae_fi
     assert sid.shift == sid.sigma_shift == 1.5
     assert torch.equal(sid.sigmas, student_sigmas(3, 1.5))
     assert not torch.equal(sid.sigmas, student_sigmas(3, WAN_SHIFT))
+
+
+def test_stage_optimisers_use_the_fused_adamw_with_the_same_update(vae_file, tmp_path):
+    """`stages.common.adamw` picks torch's fused kernel for plain CPU parameters; its steps equal the per-parameter
+    loop's (float rounding), so the faster optimiser changes no result."""
+    from dystream.stages.common import adamw
+
+    stage = TeacherStage(vae=vae_file, export_dir=str(tmp_path))
+    opt = stage.configure_optimizers()["optimizer"]
+    assert opt.defaults["fused"] is True
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    fused = adamw(a, lr=1e-2, betas=(0.0, 0.999), weight_decay=0.01)
+    loop = torch.optim.AdamW(b, lr=1e-2, betas=(0.0, 0.999), weight_decay=0.01, foreach=False)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in a]
+        for params, opt in ((a, fused), (b, loop)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(x, torch.zeros_like(x))
+    meta = torch.nn.Parameter(torch.randn(3, device="meta"))
+    assert not adamw([meta], lr=1e-3).defaults["fused"]  # another device: the default implementation

@@ -165,5 +165,6 @@ def check_cached_latents(datamodule: Any, vae: str) -> None:
         raise ValueError(
             f"the cached latents of {getattr(datamodule, 'train_shards', '?')} were encoded by a VAE with sha256 "
             f"{cached[:12]}..., this stage's VAE {path} has {own[:12]}...; re-encode them with `dystream data encode "
-            f"--vae {path} ...` or point the stage at the VAE that wrote them"
+            f"--vae {path} ...` (make train: remove runs/latents and it re-encodes them) or point the stage at the VAE "
+            "that wrote them"
         )

@@ -30,7 +30,7 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativ
 from torch import Tensor
 
 from dystream.objectives.ode_regression import gather_chunk_states, ode_regression_loss
-from dystream.stages.common import EMA
+from dystream.stages.common import EMA, adamw
 from dystream.stages.conditioning import AvatarConditioner, teacher_mask_mode
 from dystream.stages.ode_pairs import pad_audio
 from dystream.stages.student import StudentStage, build_student
@@ -148,7 +148,7 @@ class ODEInitStage(StudentStage):
 
     def configure_optimizers(self):
         h = self.hparams
-        return torch.optim.AdamW(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        return adamw(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
 
     @property
     def val_cache_write(self):

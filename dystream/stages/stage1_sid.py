@@ -45,7 +45,7 @@ from dystream.diffusion.rollout import CacheWrite, RenoiseMode, student_rollout
 from dystream.diffusion.sampling import AudioGuidance, predict_x0
 from dystream.diffusion.schedule import add_noise, expand_sigma, frame_sigmas
 from dystream.objectives.sid import SiDWeighting, fake_score_loss, sid_generator_loss
-from dystream.stages.common import EMA, freeze
+from dystream.stages.common import EMA, adamw, freeze
 from dystream.stages.conditioning import AvatarConditioner, build_dit, teacher_mask_mode
 from dystream.stages.student import StudentStage, build_student, frozen
 
@@ -233,10 +233,8 @@ class SiDStage(StudentStage):
 
     def configure_optimizers(self):
         h = self.hparams
-        fake = torch.optim.AdamW(
-            self.fake_score.parameters(), lr=h.lr_fake, betas=tuple(h.betas), weight_decay=h.weight_decay
-        )
-        gen = torch.optim.AdamW(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        fake = adamw(self.fake_score.parameters(), lr=h.lr_fake, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        gen = adamw(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
         return [fake, gen]
 
     @property

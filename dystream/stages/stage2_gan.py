@@ -73,7 +73,7 @@ from dystream.objectives.gan import (
     generator_loss,
     gradient_penalty,
 )
-from dystream.stages.common import EMA
+from dystream.stages.common import EMA, adamw
 from dystream.stages.conditioning import AvatarConditioner, build_dit, check_cached_latents, teacher_mask_mode
 from dystream.stages.student import StudentStage, build_student, frame_features, frozen, latent_mse
 
@@ -397,10 +397,8 @@ class GANStage(StudentStage):
     def configure_optimizers(self):
         h = self.hparams
         d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
-        opt_d = torch.optim.AdamW(
-            d_params, lr=h.lr * h.d_lr_multiplier, betas=tuple(h.betas), weight_decay=h.weight_decay
-        )
-        opt_g = torch.optim.AdamW(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        opt_d = adamw(d_params, lr=h.lr * h.d_lr_multiplier, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        opt_g = adamw(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
         return [opt_d, opt_g]
 
     # -- validation against the real windows --------------------------------------------------------

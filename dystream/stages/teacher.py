@@ -34,7 +34,7 @@ from dystream.objectives.flow_matching import (
     region_loss_weight,
 )
 from dystream.scale import exports_during_training, shards_parameters
-from dystream.stages.common import EMA, LRSchedule, warmup_scheduler
+from dystream.stages.common import EMA, LRSchedule, adamw, warmup_scheduler
 from dystream.stages.conditioning import AvatarConditioner, DiTPresetName, build_dit, check_cached_latents
 from dystream.streaming.video_io import write_mp4
 from dystream.zoo.files import save_model
@@ -160,16 +160,17 @@ class TeacherStage(L.LightningModule):
 
     def mouth_loss_weight(self, batch: dict[str, Any], x0: Tensor) -> Tensor:
         """``[B, 1, F - 1, h, w]``: 1 + mouth_weight on the generated frames' latent cells under the lips."""
-        kpts, video = batch.get("kpts"), batch.get("video")
-        if kpts is None or video is None:
+        kpts = batch.get("kpts")
+        if kpts is None:
             raise KeyError(
-                "TeacherStage: mouth_weight > 0 needs the window's keypoints and frames in the batch ('kpts', 'video': "
-                "SpeakerVidDataModule on clip shards with KEY.kpts.npy); set mouth_weight: 0 otherwise"
+                "TeacherStage: mouth_weight > 0 needs the window's keypoints in the batch ('kpts': clip shards with "
+                "KEY.kpts.npy, or latent shards written from them by `dystream data encode`); set mouth_weight: 0 "
+                "otherwise"
             )
         latent_shape = tuple(x0.shape[2:])
         latent_shape = (latent_shape[0] - self.flow.num_reference_frames, *latent_shape[1:])
         return region_loss_weight(
-            kpts.to(x0.device), MOUTH, tuple(video.shape[-2:]), latent_shape, self.hparams.mouth_weight,
+            kpts.to(x0.device), MOUTH, tuple(batch["references"].shape[-2:]), latent_shape, self.hparams.mouth_weight,
             pad=self.hparams.mouth_pad,
         )  # fmt: skip
 
@@ -182,7 +183,7 @@ class TeacherStage(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.dit.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = adamw(params, lr=hp.lr, weight_decay=hp.weight_decay)
         sched = warmup_scheduler(self, opt, hp.lr_schedule, hp.warmup_steps, hp.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

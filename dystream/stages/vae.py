@@ -57,7 +57,7 @@ from dystream.objectives.vae import (
     region_l1_loss,
 )
 from dystream.scale import exports_during_training
-from dystream.stages.common import LRSchedule, warmup_scheduler
+from dystream.stages.common import LRSchedule, adamw, warmup_scheduler
 from dystream.zoo.files import save_model
 
 VAEPresetName = Literal["tiny", "tiny-f4", "ref-dc-f32t4c16"]
@@ -306,7 +306,7 @@ class VAEStage(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         betas = (hp.beta1, hp.beta2)
-        opt_g = torch.optim.AdamW(self.vae.parameters(), lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
+        opt_g = adamw(self.vae.parameters(), lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
         optimizers = [opt_g]
         if self.disc is not None:
             optimizers.append(torch.optim.Adam(self.disc.parameters(), lr=hp.disc_lr, betas=betas))
