@@ -276,7 +276,7 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
     rows = [Row("Ground truth", "ground_truth", values, resolution=res)]
     if all(k is not None for k in clips.kpts):
         exact = _score(suite, clips, None, exact=True).values
-        labels = {k: v for k, v in exact.items() if k.removesuffix("_other") in KEYPOINT_KEYS}  # sync: as above
+        labels = {k: v for k, v in exact.items() if k.removesuffix("_other").removesuffix("_clips") in KEYPOINT_KEYS}
         rows.append(Row("Ground truth (exact keypoints)", "ground_truth_exact_keypoints", labels, resolution=res))
 
     if cfg.reconstruction_vae is not None:
@@ -359,9 +359,16 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
 
 def row_keys() -> tuple[str, ...]:
     """Every value key of a model row (the keys an n/a row fills)."""
-    from dystream.evaluation.suite import DRIFT_METRICS, FD_METRICS, OTHER_VOICE_METRICS, VIDEO_METRICS
+    from dystream.evaluation.suite import (
+        DRIFT_METRICS,
+        FD_METRICS,
+        LISTENING_COUNTS,
+        OTHER_VOICE_METRICS,
+        VIDEO_METRICS,
+    )
 
-    return (*VIDEO_METRICS, *DRIFT_METRICS, *FD_METRICS, *OTHER_VOICE_METRICS, "mouth_voice_r_speech_swapped")
+    return (*VIDEO_METRICS, *LISTENING_COUNTS, *DRIFT_METRICS, *FD_METRICS, *OTHER_VOICE_METRICS,
+            "mouth_voice_r_speech_swapped")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -48,7 +48,8 @@ from dystream.evaluation.networks.syncnet import load_syncnet
 from dystream.evaluation.sync import KeypointFaceBoxes, SyncNetScorer, crop_faces, sync_scores
 from dystream.evaluation.weights import MetricUnavailable, WeightsInfo
 
-__all__ = ["NA", "EvalVideo", "MetricSuite", "SuiteConfig", "SuiteResult", "VIDEO_METRICS", "FD_METRICS"]
+__all__ = ["NA", "EvalVideo", "MetricSuite", "SuiteConfig", "SuiteResult", "VIDEO_METRICS", "FD_METRICS",
+           "LISTENING_COUNTS"]
 
 FD_METRICS = ("fid", "fvd", "fd_pose", "fd_sync")
 VIDEO_METRICS = ("sync_c", "sync_d", "hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech")
@@ -56,6 +57,9 @@ KEYPOINT_METRICS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mout
 # the same lips against `EvalVideo.other_audio` (another clip's voice: the floor of a video that ignores its audio)
 OTHER_VOICE_METRICS = ("sync_c_other", "sync_d_other", "mouth_voice_r_other", "mouth_voice_r_speech_other")
 DRIFT_METRICS = ("drift_mean", "drift_first", "drift_last", "drift_slope_per_min")
+# how many videos gave each listening variance: a video counts only where its keypoints are confident during a
+# listening segment, so two rows' means may cover different clips (a hand drawn as a blur is not detected)
+LISTENING_COUNTS = ("lbkv_clips", "lhkv_clips", "lfkv_clips")
 # which network each metric needs (keys of MetricSuite.unavailable)
 NEEDS = {
     "fid": "fid",
@@ -357,6 +361,9 @@ class MetricSuite:
         for name in (*VIDEO_METRICS, *DRIFT_METRICS, *(OTHER_VOICE_METRICS if other_voice else ())):
             exact = exact_keypoints and name.removesuffix("_other") in KEYPOINT_METRICS  # labels need no pose network
             values[name] = (None if exact else self.na(name)) or _mean(per_video, name)
+        for name in LISTENING_COUNTS:
+            key = name.removesuffix("_clips")
+            values[name] = (None if exact_keypoints else self.na(key)) or _count(per_video, key)
         for name in FD_METRICS:
             values[name] = self.na(name) or self.frechet(name, stats.get(name), (real or {}).get(name))
         return SuiteResult(values, stats, per_video)
@@ -414,6 +421,10 @@ def _resolve_zoo_names(cfg: SuiteConfig) -> SuiteConfig:
         except (FileNotFoundError, OSError, ValueError, RuntimeError):
             continue  # not in the cache: the loader's MetricWeightsMissing names the file
     return dataclasses.replace(cfg, **out) if out else cfg
+
+
+def _count(rows: Sequence[dict[str, float]], key: str) -> float:
+    return float(sum(1 for r in rows if key in r and np.isfinite(r[key])))
 
 
 def _mean(rows: Sequence[dict[str, float]], key: str) -> Value:

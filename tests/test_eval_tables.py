@@ -34,7 +34,8 @@ TABLE1 = ["Method", "FID", "FVD", "FD-pose", "FD-sync", "Sync-C", "Sync-D", "HKV
 
 def _rows(with_ase: bool = False) -> list[Row]:
     na = NA("metric weights 'pt_inception-2015-12-05-6726825d.pth' for FID unavailable: no path was given")
-    values = {"fid": na, "sync_c": 4.5, "sync_d": 2.1, "hkv": 30.0, "lbkv": 1.0, "lhkv": 0.5, "lfkv": 0.25}
+    values = {"fid": na, "sync_c": 4.5, "sync_d": 2.1, "hkv": 30.0, "lbkv": 1.0, "lhkv": 0.5, "lfkv": 0.25,
+              "lbkv_clips": 16.0, "lhkv_clips": 11.0, "lfkv_clips": 16.0}  # fmt: skip
     voice = {"sync_c_other": 0.9, "sync_d_other": 7.0, "mouth_voice_r": 0.9, "mouth_voice_r_other": -0.01}
     gt = Row("Ground truth", "ground_truth", {**values, **voice, "drift_mean": 0.1}, resolution="64x64")
     exact = Row("Ground truth (exact keypoints)", "ground_truth_exact_keypoints", {"hkv": 90.0}, resolution="64x64")
@@ -51,7 +52,8 @@ def test_tables_writer_layout(tmp_path):
     md = (tmp_path / "results.md").read_text()
     header = md.splitlines()[4]
     assert header == "| Method | FID | FVD | FD-pose | FD-sync | Sync-C | Sync-D | HKV | Steps | Res. | Time (5 s) |"
-    assert "| Method | LBKV | LHKV | LFKV |" in md and "drift mean" in md
+    assert "| Method | LBKV | LHKV | LFKV | LBKV clips | LHKV clips | LFKV clips |" in md and "drift mean" in md
+    assert "| Ground truth | 1.00 | 0.50 | 0.25 | 16 | 11 | 16 |" in md  # how many clips each mean covers
     assert "ASE" not in md and "IQA" not in md  # only when provided
     assert "n/a [a]" in md and "- [a] metric weights 'pt_inception" in md and "protocol note" in md
     assert "| Teacher | n/a [a] | — | 12.00 | — | 1.00 | — | nan | 20 | 64x64 | 3.2 s |" in md
@@ -61,12 +63,12 @@ def test_tables_writer_layout(tmp_path):
     assert rows[0] == TABLE1
     assert rows[1][1].startswith("n/a (metric weights") and rows[1][5] == "4.5000"
     with open(tmp_path / "table2_listening.csv") as f:
-        assert next(csv.reader(f)) == ["Method", "LBKV", "LHKV", "LFKV"]
+        assert next(csv.reader(f)) == ["Method", "LBKV", "LHKV", "LFKV", "LBKV clips", "LHKV clips", "LFKV clips"]
 
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["columns"]["table1"] == ["fid", "fvd", "fd_pose", "fd_sync", "sync_c", "sync_d", "hkv", "steps",
                                         "resolution", "time_per_5s"]  # fmt: skip
-    assert doc["columns"]["table2"] == ["lbkv", "lhkv", "lfkv"]
+    assert doc["columns"]["table2"] == ["lbkv", "lhkv", "lfkv", "lbkv_clips", "lhkv_clips", "lfkv_clips"]
     assert doc["columns"]["table4"][-1] == "mouth_voice_r_speech_swapped"
     assert "| Ground truth | 4.50 | 0.90 | 2.10 | 7.00 | 0.900 | -0.010 | — | — | — |" in md  # Table 4
     assert "| Teacher | 1.00 | — | — | — | — | — | — | — | 0.250 |" in md
@@ -102,6 +104,22 @@ def test_suite_reports_missing_networks_and_computes_the_rest():
     assert isinstance(res.values["drift_mean"], float)  # identity drift needs no network
     exact = suite.evaluate(videos, exact_keypoints=True)  # ground-truth keypoints need no network
     assert isinstance(exact.values["hkv"], float)
+
+
+def test_listening_means_report_how_many_clips_they_cover():
+    """A clip without a listening segment gives no listening variance: it is left out of the mean and the count."""
+    import dataclasses
+
+    suite = MetricSuite(SuiteConfig(syncnet=None, pose=None))
+    videos = _clip_videos(n=3, t=200)
+    videos[0] = dataclasses.replace(videos[0], mask=np.ones_like(videos[0].mask))  # speaks throughout
+    res = suite.evaluate(videos, exact_keypoints=True)
+    for key in ("lbkv", "lhkv", "lfkv"):
+        finite = [r[key] for r in res.per_video if np.isfinite(r[key])]
+        assert res.values[f"{key}_clips"] == len(finite) and 1 <= len(finite) <= 2
+        assert res.values[key] == pytest.approx(np.mean(finite))
+    assert not np.isfinite(res.per_video[0]["lbkv"])
+    assert isinstance(suite.evaluate(videos).values["lhkv_clips"], NA)  # no pose network: n/a, not 0
 
 
 def test_suite_with_networks_gives_zero_fd_against_itself():
