@@ -48,8 +48,16 @@ from dystream.evaluation.networks.syncnet import load_syncnet
 from dystream.evaluation.sync import KeypointFaceBoxes, SyncNetScorer, crop_faces, sync_scores
 from dystream.evaluation.weights import MetricUnavailable, WeightsInfo
 
-__all__ = ["NA", "EvalVideo", "MetricSuite", "SuiteConfig", "SuiteResult", "VIDEO_METRICS", "FD_METRICS",
-           "LISTENING_COUNTS"]
+__all__ = [
+    "NA",
+    "EvalVideo",
+    "MetricSuite",
+    "SuiteConfig",
+    "SuiteResult",
+    "VIDEO_METRICS",
+    "FD_METRICS",
+    "LISTENING_COUNTS",
+]
 
 FD_METRICS = ("fid", "fvd", "fd_pose", "fd_sync")
 VIDEO_METRICS = ("sync_c", "sync_d", "hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech")
