@@ -28,7 +28,7 @@ import numpy as np
 from dystream.datamodules.format import frame_rms
 from dystream.evaluation.keypoints import KeypointLayout
 
-__all__ = ["INNER_LIP_PAIRS", "mouth_opening", "mouth_voice_correlation", "pearson_r"]
+__all__ = ["INNER_LIP_PAIRS", "lagged_mouth_voice_r", "mouth_opening", "mouth_voice_correlation", "pearson_r"]
 
 # iBUG-68 inner lips: 60 and 64 are the corners, 61-63 the upper lip (left to right), 65-67 the lower (right to left)
 INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))
@@ -88,3 +88,29 @@ def mouth_voice_correlation(
             raise ValueError(f"mouth_voice_correlation: mask has shape {m.shape}, the opening {opening.shape}")
         opening, loudness = opening[m], loudness[m]
     return pearson_r(opening, loudness, min_frames=min_frames)
+
+
+def lagged_mouth_voice_r(
+    opening: np.ndarray,
+    voice: np.ndarray,
+    mask: np.ndarray | Sequence[float] | None = None,
+    lags: Sequence[int] = range(-3, 4),
+    min_frames: int = 10,
+) -> dict[int, float]:
+    """`mouth_voice_correlation` with the mouth compared ``lag`` frames after the voice: {lag: r}.
+
+    Over the frames t where the avatar speaks (``mask[t]`` > 0.5, all frames without a mask) and ``t + lag`` lies in
+    the video, r of opening[t + lag] against the voice's loudness at t. A mouth in time peaks at lag 0; how fast r
+    falls off either side says how frame-exact it is (the synthetic mouth follows the per-frame envelope, so the
+    real clips' r drops from about 0.8 at lag 0 to 0.3 at lag 1)."""
+    opening = np.asarray(opening, dtype=np.float64)
+    loudness = frame_rms(voice, len(opening))
+    keep = np.ones(len(opening), dtype=bool) if mask is None else np.asarray(mask) > 0.5
+    if keep.shape != opening.shape:
+        raise ValueError(f"lagged_mouth_voice_r: mask has shape {keep.shape}, the opening {opening.shape}")
+    out = {}
+    t = np.arange(len(opening))
+    for lag in lags:
+        ok = keep & (t + lag >= 0) & (t + lag < len(opening))
+        out[int(lag)] = pearson_r(opening[t[ok] + lag], loudness[ok], min_frames=min_frames)
+    return out

@@ -9,7 +9,7 @@ from scipy.stats import pearsonr
 from dystream.datamodules import synthetic as syn
 from dystream.datamodules.format import SAMPLES_PER_FRAME
 from dystream.evaluation.keypoints import COCO_WHOLEBODY_133, DWPOSE_134
-from dystream.evaluation.mouth_voice import mouth_opening, mouth_voice_correlation, pearson_r
+from dystream.evaluation.mouth_voice import lagged_mouth_voice_r, mouth_opening, mouth_voice_correlation, pearson_r
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,24 @@ def test_pearson_r_matches_scipy():
     x[[3, 50]] = np.nan
     keep = np.isfinite(x)
     assert pearson_r(x, y) == pytest.approx(pearsonr(x[keep], y[keep]).statistic, abs=1e-12)
+
+
+def test_lagged_r_peaks_where_the_mouth_was_shifted(clips):
+    """Lag 0 is `mouth_voice_correlation`; a mouth drawn two frames late peaks at lag 2, and r at lag k equals
+    scipy's r of the explicitly shifted series over the speaking frames."""
+    c = clips[0]
+    opening = mouth_opening(c.kpts, DWPOSE_134)
+    lags = lagged_mouth_voice_r(opening, c.audio_self, c.mask, lags=range(-3, 4))
+    assert lags[0] == pytest.approx(mouth_voice_correlation(opening, c.audio_self, c.mask))
+    assert max(lags, key=lags.get) == 0 and lags[1] < lags[0] - 0.2  # frame-exact: r falls one frame off
+    late = np.concatenate([np.full(2, opening[0]), opening[:-2]])  # the same mouth, two frames late
+    shifted = lagged_mouth_voice_r(late, c.audio_self, c.mask, lags=range(-3, 4))
+    assert max(shifted, key=shifted.get) == 2
+    loud = np.sqrt(
+        (c.audio_self[: len(opening) * SAMPLES_PER_FRAME].astype(np.float64).reshape(len(opening), -1) ** 2).mean(1)
+    )
+    speak = np.flatnonzero(c.mask > 0.5)
+    speak = speak[speak + 1 < len(opening)]
+    assert shifted[1] == pytest.approx(pearsonr(late[speak + 1], loud[speak]).statistic, abs=1e-9)
+    with pytest.raises(ValueError, match="mask has shape"):
+        lagged_mouth_voice_r(opening, c.audio_self, c.mask[:-1])
