@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dystream.datamodules.latents import export_latents
 from dystream.datamodules.synthetic import synthesize
 from dystream.models.audio import AudioEncoder
 from dystream.models.dit import AvatarDiT, DiTConfig
@@ -65,9 +66,12 @@ def test_tiny_fit_prints_no_warning_and_names_the_export_once(recipe, tiny_world
             "--model.init_args.audio=tiny",  # the recipe's runs/audio export does not exist here
             "--model.init_args.dit_preset=tiny",
             "--model.init_args.sample_steps=2",
-            # the recipe checkpoints every 100 steps; here every 2, so the export is rewritten twice
+            # the recipe checkpoints every 200 steps; here every 2, so the export is rewritten twice
             "--trainer.callbacks.init_args.every_n_train_steps=2",
+            # the recipe trains from the latents the chain caches with the frozen VAE: cache them here
+            f"--data.init_args.train_shards={tmp_path / 'latents'}",
         ]
+        export_latents(vae, str(tiny_world / "train"), tmp_path / "latents", size=32, log=False)
     proc = _fit(recipe, tmp_path, tiny_world, *overrides)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -127,15 +127,20 @@ def test_export_records_the_training_shift_and_later_stages_default_to_it(vae_fi
 def test_stage_optimisers_use_the_fused_adamw_with_the_same_update(vae_file, tmp_path):
     """`stages.common.adamw` picks torch's fused kernel for plain CPU parameters; its steps equal the per-parameter
     loop's (float rounding), so the faster optimiser changes no result."""
+    import lightning as L
+
     from dystream.stages.common import adamw
 
     stage = TeacherStage(vae=vae_file, export_dir=str(tmp_path))
     opt = stage.configure_optimizers()["optimizer"]
     assert opt.defaults["fused"] is True
+    # under a mixed-precision plugin Lightning refuses to clip a fused optimiser's gradients: the loop then
+    stage.trainer = L.Trainer(precision="bf16-mixed", accelerator="cpu", logger=False, enable_checkpointing=False)
+    assert not stage.configure_optimizers()["optimizer"].defaults["fused"]
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    fused = adamw(a, lr=1e-2, betas=(0.0, 0.999), weight_decay=0.01)
+    fused = adamw(None, a, lr=1e-2, betas=(0.0, 0.999), weight_decay=0.01)
     loop = torch.optim.AdamW(b, lr=1e-2, betas=(0.0, 0.999), weight_decay=0.01, foreach=False)
     for _ in range(5):
         grads = [torch.randn_like(p) for p in a]
@@ -147,4 +152,4 @@ def test_stage_optimisers_use_the_fused_adamw_with_the_same_update(vae_file, tmp
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
         assert not torch.equal(x, torch.zeros_like(x))
     meta = torch.nn.Parameter(torch.randn(3, device="meta"))
-    assert not adamw([meta], lr=1e-3).defaults["fused"]  # another device: the default implementation
+    assert not adamw(None, [meta], lr=1e-3).defaults["fused"]  # another device: the default implementation

@@ -148,7 +148,7 @@ class ODEInitStage(StudentStage):
 
     def configure_optimizers(self):
         h = self.hparams
-        return adamw(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        return adamw(self, self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
 
     @property
     def val_cache_write(self):

@@ -233,8 +233,10 @@ class SiDStage(StudentStage):
 
     def configure_optimizers(self):
         h = self.hparams
-        fake = adamw(self.fake_score.parameters(), lr=h.lr_fake, betas=tuple(h.betas), weight_decay=h.weight_decay)
-        gen = adamw(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        fake = adamw(
+            self, self.fake_score.parameters(), lr=h.lr_fake, betas=tuple(h.betas), weight_decay=h.weight_decay
+        )
+        gen = adamw(self, self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
         return [fake, gen]
 
     @property

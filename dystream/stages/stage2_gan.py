@@ -397,8 +397,8 @@ class GANStage(StudentStage):
     def configure_optimizers(self):
         h = self.hparams
         d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
-        opt_d = adamw(d_params, lr=h.lr * h.d_lr_multiplier, betas=tuple(h.betas), weight_decay=h.weight_decay)
-        opt_g = adamw(self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        opt_d = adamw(self, d_params, lr=h.lr * h.d_lr_multiplier, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        opt_g = adamw(self, self.student.parameters(), lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
         return [opt_d, opt_g]
 
     # -- validation against the real windows --------------------------------------------------------

@@ -183,7 +183,7 @@ class TeacherStage(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.dit.parameters() if p.requires_grad]
-        opt = adamw(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        opt = adamw(self, params, lr=hp.lr, weight_decay=hp.weight_decay)
         sched = warmup_scheduler(self, opt, hp.lr_schedule, hp.warmup_steps, hp.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -306,7 +306,7 @@ class VAEStage(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         betas = (hp.beta1, hp.beta2)
-        opt_g = adamw(self.vae.parameters(), lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
+        opt_g = adamw(self, self.vae.parameters(), lr=hp.lr, betas=betas, weight_decay=hp.weight_decay)
         optimizers = [opt_g]
         if self.disc is not None:
             optimizers.append(torch.optim.Adam(self.disc.parameters(), lr=hp.disc_lr, betas=betas))
