@@ -33,7 +33,7 @@ import torch
 
 from dystream.evaluation.frechet import FeatureStats, frechet_distance
 from dystream.evaluation.identity import distance_name, identity_drift
-from dystream.evaluation.keypoints import DWPOSE_134, hkc, hkv, listening_variances
+from dystream.evaluation.keypoints import DWPOSE_134, hkc, hkv, listening_variances, mean_over_videos
 from dystream.evaluation.metric_nets import (
     DEFAULT_IDENTITY,
     DEFAULT_POSE,
@@ -369,9 +369,10 @@ class MetricSuite:
         for name in (*VIDEO_METRICS, *DRIFT_METRICS, *(OTHER_VOICE_METRICS if other_voice else ())):
             exact = exact_keypoints and name.removesuffix("_other") in KEYPOINT_METRICS  # labels need no pose network
             values[name] = (None if exact else self.na(name)) or _mean(per_video, name)
+        counts = mean_over_videos(per_video, [name.removesuffix("_clips") for name in LISTENING_COUNTS])
         for name in LISTENING_COUNTS:
             key = name.removesuffix("_clips")
-            values[name] = (None if exact_keypoints else self.na(key)) or _count(per_video, key)
+            values[name] = (None if exact_keypoints else self.na(key)) or counts[f"{key}_videos"]
         for name in FD_METRICS:
             values[name] = self.na(name) or self.frechet(name, stats.get(name), (real or {}).get(name))
         return SuiteResult(values, stats, per_video)
@@ -429,10 +430,6 @@ def _resolve_zoo_names(cfg: SuiteConfig) -> SuiteConfig:
         except (FileNotFoundError, OSError, ValueError, RuntimeError):
             continue  # not in the cache: the loader's MetricWeightsMissing names the file
     return dataclasses.replace(cfg, **out) if out else cfg
-
-
-def _count(rows: Sequence[dict[str, float]], key: str) -> float:
-    return float(sum(1 for r in rows if key in r and np.isfinite(r[key])))
 
 
 def _mean(rows: Sequence[dict[str, float]], key: str) -> Value:
