@@ -226,3 +226,16 @@ def test_kv_cache_refuses_out_of_order_writes():
         cache.append([kv], start=1, size=3)
     with pytest.raises(ValueError, match="layers"):
         cache.append([kv, kv], start=0, size=1)
+
+
+def test_kv_cache_owns_what_it_stores():
+    # StreamingConfig.compile replays a CUDA graph whose outputs live in buffers the next replay overwrites; the
+    # cache must hold copies, never the caller's tensors (on a GPU: tests/test_compile.py, make gpu-check)
+    layout = CausalLayout(chunk_frames=2, sink_chunks=1, window_frames=2)
+    cache = KVCache(layout, num_layers=1, batch_size=1, device="cpu", dtype=torch.float32)
+    for start, size in layout.chunks(1 + 2 * 3):
+        k, v = torch.randn(1, size, 4, 2, 8), torch.randn(1, size, 4, 2, 8)
+        cache.append([(k, v)], start, size)
+        kept = (cache.keys[0], cache.values[0])
+        k.zero_(), v.zero_()  # what a replay does to its output buffers
+        assert all(t.abs().sum() > 0 for t in kept), f"chunk at {start}: the cache aliases the written K/V"

@@ -378,8 +378,13 @@ class KVCache:
         self.tokens_per_frame = None
         self.max_rope_index = -1
 
+    @torch.compiler.disable
     def append(self, new_kv: list[tuple[Tensor, Tensor]], start: int, size: int) -> None:
-        """Append one chunk's un-roped K/V (``[B, size, S, H, d]`` per layer) and evict to the layout's window."""
+        """Append one chunk's un-roped K/V (``[B, size, S, H, d]`` per layer) and evict to the layout's window.
+
+        Runs eagerly under ``torch.compile`` and stores copies: the cache must own its tensors, because a CUDA
+        graph (``StreamingConfig.compile``) writes its outputs into buffers that its next replay overwrites.
+        """
         if start != self.next_frame:
             raise ValueError(f"KVCache.append: chunk starts at {start}, the stream expects {self.next_frame}")
         if len(new_kv) != self.num_layers:
@@ -392,7 +397,7 @@ class KVCache:
             for old, new in ((self.keys[i], k_new), (self.values[i], v_new)):
                 new = new.detach() if self.detach else new
                 new = new.to(device=self.device, dtype=self.dtype)
-                t = new if old is None else torch.cat([old, new], dim=1)
+                t = new.clone() if old is None else torch.cat([old, new], dim=1)
                 pair.append(t if select is None else t.index_select(1, select))
             self.keys[i], self.values[i] = pair
         self.frame_ids = keep
