@@ -20,6 +20,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert "- device: CPU (`cpu`)" in report
     statuses = dict(re.findall(r"^\| ([^|]+?) \| (ok|skipped|FAILED[^|]*) \|$", report, re.M))
     ran = ("training steps (teacher, SiD, GAN), bf16", "student chunk", "streaming, 20 chunks", "FSDP, one device")
+    ran += ("teacher training step, 81 frames",)
     for check in ran:
         assert statuses[check] == "ok", (check, report)
     for check in ("FlexAttention vs SDPA", "CUDA graphs (StreamingConfig.compile)"):

@@ -9,8 +9,10 @@ Checks, in order (each one reports and the next one runs even if it failed):
 3. one ``wan2.2-ti2v-5b`` student chunk at 928x704 in bf16 on the ``ref-dc-f32t4c16`` latents (1x1 patches: the
    paper's 638 tokens per frame): step time, chunk time, RTF, peak memory, MFU;
 4. 20 streaming chunks at that size: per-module RTF and first-frame delay (VAE on a second GPU when there is one);
-5. a single-device FSDP wrap (Lightning ``FSDPStrategy``, AvatarBlock units) training the teacher two steps;
-6. (CUDA) ``StreamingConfig.compile`` (CUDA graphs) against eager on the tiny presets.
+5. one ``wan2.2-ti2v-5b`` teacher training step on a whole 81-frame clip at that size (bf16 autocast over fp32
+   weights, fused AdamW, activation checkpointing): step time, peak memory, MFU;
+6. a single-device FSDP wrap (Lightning ``FSDPStrategy``, AvatarBlock units) training the teacher two steps;
+7. (CUDA) ``StreamingConfig.compile`` (CUDA graphs) against eager on the tiny presets.
 
 On a CPU (``make gpu-check DEVICE=cpu``) the same code runs at the tiny presets and 64x64 in well under a minute
 (the test suite runs it so), FlexAttention and CUDA graphs are reported as skipped. On one H200 the whole check
@@ -197,6 +199,14 @@ def check_student_chunk(device: str, real: bool) -> dict[str, Any]:
     return figures
 
 
+def check_teacher_step(device: str, real: bool) -> dict[str, Any]:
+    """One teacher training step at the paper's size: a whole 81-frame clip (21 latent frames), batch 1."""
+    frames = 21 if real else 3
+    figures = scaled.training_step(_setup(device, real), repeats=3, frames=frames, warmup=1, checkpointing=True)
+    figures["status"] = "ok"
+    return figures
+
+
 def check_stream(device: str, real: bool) -> dict[str, Any]:
     vae_device = None
     if torch.device(device).type == "cuda" and torch.cuda.device_count() > 1:
@@ -330,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             "training steps (teacher, SiD, GAN), bf16": lambda: check_training(args.device, real, root),
             "student chunk": lambda: check_student_chunk(args.device, real),
             "streaming, 20 chunks": lambda: check_stream(args.device, real),
+            "teacher training step, 81 frames": lambda: check_teacher_step(args.device, real),
             "FSDP, one device": lambda: check_fsdp(args.device, root),
             "CUDA graphs (StreamingConfig.compile)": lambda: check_cuda_graphs(args.device),
         }

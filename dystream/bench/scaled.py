@@ -263,14 +263,23 @@ def vae_decode(setup: Setup, repeats: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------ training
 def training_step(
-    setup: Setup, repeats: int, batch: int = 1, frames: int = 5, autocast: bool = True, warmup: int = 2
+    setup: Setup,
+    repeats: int,
+    batch: int = 1,
+    frames: int = 5,
+    autocast: bool = True,
+    warmup: int = 2,
+    checkpointing: bool = False,
 ) -> dict[str, Any]:
     """A teacher flow-matching step on latents (what a cached-latent batch costs): bidirectional forward over
     ``frames`` latent frames (reference clean), velocity loss, backward, AdamW. Low precision runs as autocast
-    over fp32 weights (Lightning's ``bf16-mixed``); fp32 runs plain."""
+    over fp32 weights (Lightning's ``bf16-mixed``); fp32 runs plain. ``checkpointing`` recomputes each block in the
+    backward pass (``DiTConfig.gradient_checkpointing``, what the paper-scale recipes set)."""
     from dystream.models.dit import AvatarDiT
 
     cfg, _, (h, w) = setup.configs()
+    if checkpointing:
+        cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
     dev = setup.device
     torch.manual_seed(0)
     model = build(lambda: AvatarDiT(cfg), dev, torch.float32).train()
@@ -303,7 +312,12 @@ def training_step(
     params = sum(p.numel() for p in model.parameters())
     return {
         "setup": setup.describe() + f", {params / 1e6:.1f}M parameters, batch {batch} x {frames} latent frames, "
-        f"{'autocast ' + str(setup.dtype).removeprefix('torch.') if low else 'fp32'}, AdamW",
+        f"{'autocast ' + str(setup.dtype).removeprefix('torch.') if low else 'fp32'}, AdamW"
+        + (
+            ", activation checkpointing per block (the FLOPs below count fwd + bwd, not the recomputed forward)"
+            if checkpointing
+            else ""
+        ),
         "training step": step_s,
         "samples/s": batch / step_s["median"],
         "loss first / last": f"{losses[0]:.4f} / {losses[-1]:.4f}",
