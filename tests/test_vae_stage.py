@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dystream.datamodules.latents import load_vae
-from dystream.objectives.vae import build_lpips, hinge_discriminator_loss, kl_loss
+from dystream.objectives.vae import build_lpips, generator_adversarial_loss, hinge_discriminator_loss, kl_loss
 from dystream.stages.vae import VAEStage
 from dystream.zoo.files import load_model
 
@@ -90,6 +90,21 @@ def test_gan_phase_trains_discriminator_and_counts_iterations(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(d_before, stage.disc.parameters(), strict=True))
     assert {"train/gan_d", "train/gan_g", "train/d_weight"} <= set(trainer.callback_metrics)
     assert torch.isfinite(trainer.callback_metrics["train/d_weight"])
+
+
+def test_fixed_gan_weight_is_the_weight_and_reaches_the_decoder(tmp_path):
+    stage = VAEStage(disc_weight=0.01, disc_weighting="fixed", disc_start=0, max_references=1, export_dir=str(tmp_path))
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(stage, _loader(_batch(), 2))
+    assert float(trainer.callback_metrics["train/d_weight"]) == pytest.approx(0.01)
+    # the generator's adversarial term alone sends a gradient to the decoder and none to the discriminator
+    clip, guidance = stage.clip_and_references(_batch(), 1)
+    stage.disc.requires_grad_(False)
+    stage.vae.zero_grad(set_to_none=True)
+    stage.disc.zero_grad(set_to_none=True)
+    generator_adversarial_loss(stage.disc(stage.vae(clip, guidance, sample=False).recon)).backward()
+    assert stage.vae.last_layer.grad is not None and stage.vae.last_layer.grad.abs().sum() > 0
+    assert all(p.grad is None for p in stage.disc.parameters())
 
 
 def test_discriminator_untouched_before_disc_start(tmp_path):

@@ -97,7 +97,11 @@ class VAEStage(L.LightningModule):
             clip-wide tint costs the per-pixel L1 little; 0 = off. Measured at the embedded scale: no gain, more
             background speckle (docs/vae.md, row p).
         kl_weight: weight of the KL term, averaged over latent elements.
-        disc_weight: scale of LDM's adaptive GAN weight; 0 disables the discriminator.
+        disc_weight: scale of LDM's adaptive GAN weight (``disc_weighting: adaptive``) or the adversarial term's
+            weight itself (``fixed``); 0 disables the discriminator.
+        disc_weighting: ``adaptive`` (LDM: ``disc_weight`` times the ratio of the reconstruction and adversarial
+            gradient norms at the decoder's last layer) or ``fixed``. At the embedded scale the adaptive weight fell
+            to ~0.001 and the term did nothing (docs/vae.md, row h).
         disc_start: training step from which the adversarial terms are on (before it the
             discriminator is neither used nor trained).
         lpips_net: LPIPS backbone, ``vgg`` (LDM) or ``alex``.
@@ -139,6 +143,7 @@ class VAEStage(L.LightningModule):
         kl_weight: NonNegativeFloat = 1e-4,
         disc_weight: NonNegativeFloat = 0.05,
         disc_start: NonNegativeInt = 2000,
+        disc_weighting: Literal["adaptive", "fixed"] = "adaptive",
         lpips_net: Literal["vgg", "alex"] = "vgg",
         lpips_backbone: str | None = None,
         lpips_frames: PositiveInt | None = 4,
@@ -274,7 +279,10 @@ class VAEStage(L.LightningModule):
         if gan_on:
             self.disc.requires_grad_(False)  # the generator loss must not leave gradients in D
             adv = generator_adversarial_loss(self.disc(out.recon))
-            d_w = adaptive_gan_weight(nll, adv, self.vae.last_layer, hp.disc_weight)
+            if hp.disc_weighting == "adaptive":
+                d_w = adaptive_gan_weight(nll, adv, self.vae.last_layer, hp.disc_weight)
+            else:
+                d_w = torch.tensor(hp.disc_weight, device=adv.device)
             loss = loss + d_w * adv
             self.disc.requires_grad_(True)
             logs.update(gan_g=adv.detach(), d_weight=d_w)
