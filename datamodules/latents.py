@@ -153,6 +153,9 @@ def _encode_clip(
         parts.append(vae.encode_chunk(frames[:, :, start : start + step], cache))
     latents = torch.cat(parts, dim=2)[0]
     ref_latents = vae.encode(refs[:, :, None], refs[:, None])[:, :, 0]  # each reference alone, self-guided
+    # Reference 0 is the clip's latent frame 0 by construction (the same frame, alone, self-guided); the copy keeps
+    # them bit-equal, which the batched encode above need not be (its attention kernels block by batch size).
+    ref_latents[0] = latents[:, 0]
     return latents, ref_latents
 
 

@@ -11,6 +11,7 @@ from dystream.models.vae import (
     VAE_PRESETS,
     DiscriminatorConfig,
     PatchDiscriminator3D,
+    LocalReferenceAttention,
     ReferenceGuidedVAE,
     VAEConfig,
 )
@@ -187,6 +188,63 @@ def test_gradients_reach_reference_encoder_and_not_beyond_inputs():
     assert vae.latent_mean.grad is None  # buffers are not trained
 
 
+@pytest.mark.parametrize("offset", [(0, 0), (1, 0), (-2, 1)])
+def test_local_reference_attention_reads_the_window_cell_it_prefers(offset):
+    """With identity projections and a bias that picks one window offset, every position receives the reference's
+    value at that offset (zero-padded frame borders excluded): the unfold/rearrange bookkeeping puts each key where
+    it belongs, and the masking of cells outside the frame keeps border positions from reading padding."""
+    cfg = VAEConfig.from_preset("tiny")
+    c, h, w = 24, 6, 7
+    block = LocalReferenceAttention(c, cfg)
+    with torch.no_grad():
+        block.norm.weight.fill_(1.0)
+        block.to_q.weight.zero_()
+        block.to_q.bias.zero_()  # queries 0: the logits are the offset biases alone (the null token: 0)
+        block.to_kv.weight.zero_()
+        block.to_kv.bias.zero_()
+        block.to_kv.weight[c:, :, 0, 0] = torch.eye(c)  # values = the (normalised) reference features
+        block.to_out.weight.copy_(torch.eye(c))
+        block.null_kv.zero_()
+        r = cfg.local_window // 2
+        dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
+        chosen = (dy.flatten() == offset[0]) & (dx.flatten() == offset[1])
+        block.offset_bias.copy_(torch.where(chosen, 50.0, -50.0).expand_as(block.offset_bias))
+    x = torch.randn(1, c, 2, h, w)
+    refs = torch.randn(1, 1, c, h, w)
+    out = block(x, refs, None) - x  # [1, C, T, h, w]
+    values = block.norm_ref(refs[:, 0])  # [1, C, h, w]
+    for y in range(h):
+        for xx in range(w):
+            sy, sx = y + offset[0], xx + offset[1]
+            if 0 <= sy < h and 0 <= sx < w:
+                torch.testing.assert_close(out[0, :, :, y, xx], values[0, :, sy, sx, None].expand(c, 2))
+            else:  # the preferred cell is outside the frame: the null token (0) and the in-frame cells share
+                assert torch.isfinite(out[0, :, :, y, xx]).all()
+
+
+def test_reference_copy_head_with_an_open_gate_draws_the_reference_exactly():
+    """Gate fully open and attention on the same cell: every decoded frame is the reference image, pixel for pixel,
+    whatever the latents say (the copy path carries the reference's own pixels, in the decoder's cell order)."""
+    vae = _vae(reference_copy=True)
+    head = vae.decoder.copy_head
+    with torch.no_grad():
+        head.to_gate.bias.fill_(60.0)
+        head.to_q.weight.zero_()
+        head.to_q.bias.zero_()
+        centre = head.offset_bias.numel() // 2
+        head.offset_bias.fill_(-60.0)
+        head.offset_bias[0, centre] = 60.0
+        refs = _refs(k=1)
+        z = torch.randn(2, 16, 3, H // 8, W // 8)
+        out = vae.decode(z, refs)
+        mask = torch.tensor([[True], [False]])
+        masked = vae.decode(z, refs, mask)
+        plain = vae.decode(z, None)
+    torch.testing.assert_close(out, refs[:, 0, :, None].expand_as(out), rtol=0, atol=1e-5)
+    torch.testing.assert_close(masked[0], out[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(masked[1], plain[1], rtol=0, atol=1e-6)  # a masked reference is not copied
+
+
 # ----------------------------------------------------------------------------- residual shortcuts
 
 
@@ -201,6 +259,8 @@ def test_shortcut_only_reconstructs_constant_video_exactly(value):
         for name, p in vae.named_parameters():
             if "null_kv" in name:
                 p.zero_()
+            if "to_gate.bias" in name:  # the reference copy head: a closed gate (sigmoid(-1e4) == 0)
+                p.fill_(-1e4)
     video = torch.full((2, 3, 9, H, W), value)
     with torch.no_grad():
         z = vae.encode(video, _refs(k=2))
@@ -267,5 +327,9 @@ def test_config_validation_names_the_field():
         VAEConfig(widths=(24, 40, 96))
     with pytest.raises(ValueError, match="attn_levels"):
         VAEConfig(attn_levels=(5,))
+    with pytest.raises(ValueError, match="local_attn_levels"):
+        VAEConfig(local_attn_levels=(3,))
+    with pytest.raises(ValueError, match="local_window"):
+        VAEConfig(local_attn_levels=(0,), local_window=4)
     with pytest.raises(KeyError, match="unknown VAE preset"):
         VAEConfig.from_preset("huge")

@@ -312,7 +312,7 @@ def test_cosine_schedule_steps_the_vae_optimizer(tmp_path):
 
 
 def test_architecture_overrides_the_preset_and_is_exported(tmp_path):
-    stage = VAEStage(architecture={"widths": [36, 72, 144]}, disc_weight=0.0, export_dir=str(tmp_path))
+    stage = VAEStage(architecture={"widths": [36, 72, 144], "head_dim": 36}, disc_weight=0.0, export_dir=str(tmp_path))
     assert stage.vae.config.widths == (36, 72, 144) and stage.vae.config.latent_channels == 16
     vae = load_vae(str(stage.export()))
     assert vae.config.widths == (36, 72, 144)

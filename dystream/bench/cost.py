@@ -167,6 +167,8 @@ def vae_decode_flops(cfg: VAEConfig, height: int, width: int, references: int = 
         return 2.0 * frames[lvl] * grid[lvl] * c_out * c_in * kernel
 
     parts = {"convolutions": 0.0, "up blocks": 0.0, "reference attention": 0.0}
+    if cfg.local_attn_levels:
+        parts["local reference attention"] = 0.0
     parts["convolutions"] += conv(n - 1, cfg.latent_channels, cfg.widths[-1], kt * 9)
     for lvl in range(n):
         c = cfg.widths[lvl]
@@ -180,6 +182,15 @@ def vae_decode_flops(cfg: VAEConfig, height: int, width: int, references: int = 
                 2 * _linear(q, c, c)
                 + 2 * _linear(refs, c, c)
                 + _attention(q, refs + 1, heads * (cfg.head_dim + POS_DIM))
+            )
+        if lvl in cfg.local_attn_levels:
+            q = frames[lvl] * grid[lvl]
+            # q and out projections per frame; K/V (one 1x1 conv, 2c wide) of every reference cell; each query
+            # against its K x window^2 keys
+            parts["local reference attention"] += (
+                2 * _linear(q, c, c)
+                + _linear(references * grid[lvl], c, 2 * c)
+                + _attention(q, references * cfg.local_window**2 + 1, c)
             )
         if lvl < n - 1:
             r_t = 2 if cfg.temporal_down[lvl] else 1
