@@ -10,8 +10,8 @@ from dystream.models.vae import (
     DISCRIMINATOR_PRESETS,
     VAE_PRESETS,
     DiscriminatorConfig,
-    PatchDiscriminator3D,
     LocalReferenceAttention,
+    PatchDiscriminator3D,
     ReferenceGuidedVAE,
     VAEConfig,
 )

@@ -515,7 +515,7 @@ def _window_logits(
     """
     b, _, h, w, nh, _ = q.shape
     k_n, ww, pad = keys.shape[1], window**2, window // 2
-    keys = rearrange(F.unfold(keys.flatten(0, 1), window, padding=pad), "(b k) (nh d j) (h w) -> b h w nh (k j) d", b=b, nh=nh, j=ww, h=h)
+    keys = _windows(keys, window, nh)
     logits = torch.einsum("bthwnd,bhwnjd->bthwnj", q, keys) + offset_bias.repeat(1, k_n).to(q.dtype)
     inside = F.unfold(q.new_ones(1, 1, h, w), window, padding=pad) > 0  # [1, w^2, h w]: False on the zero padding
     keep = rearrange(inside, "one j (h w) -> one h w j", h=h).repeat(1, 1, 1, k_n)  # [1, h, w, K w^2]
@@ -525,8 +525,8 @@ def _window_logits(
     return logits.masked_fill(~keep[:, None, :, :, None, :], float("-inf")), keep
 
 
-def _window_values(values: Tensor, window: int, heads: int) -> Tensor:
-    """``[B, K, nh d, h, w]`` -> every position's window ``[B, h, w, nh, K w^2, d]``."""
+def _windows(values: Tensor, window: int, heads: int) -> Tensor:
+    """Keys or values ``[B, K, nh d, h, w]`` -> every position's window ``[B, h, w, nh, K w^2, d]``."""
     b, h = values.shape[0], values.shape[3]
     unfolded = F.unfold(values.flatten(0, 1), window, padding=window // 2)
     return rearrange(unfolded, "(b k) (nh d j) (h w) -> b h w nh (k j) d", b=b, nh=heads, j=window**2, h=h)
@@ -561,19 +561,23 @@ class LocalReferenceAttention(nn.Module):
         # x: [B, C, T, h, w]; refs: [B, K, C, h, w] (the same grid) or None; mask: [B, K] bool
         b, c, t, h, w = x.shape
         nh, d = self.heads, c // self.heads
-        q = rearrange(self.to_q(rearrange(self.norm(x), "b c t h w -> b t h w c")), "b t h w (nh d) -> b t h w nh d", nh=nh)
+        q = rearrange(
+            self.to_q(rearrange(self.norm(x), "b c t h w -> b t h w c")), "b t h w (nh d) -> b t h w nh d", nh=nh
+        )
         null_k, null_v = (rearrange(a, "(nh d) -> nh d", nh=nh) for a in self.null_kv)
         if refs is None or refs.shape[1] == 0:  # only the null token: every position gets its value
             out = null_v.expand(b, t, h, w, nh, d)
         else:
             if refs.shape[-2:] != (h, w):
-                raise ValueError(f"LocalReferenceAttention: reference grid {tuple(refs.shape[-2:])} != video grid {(h, w)}")
+                raise ValueError(
+                    f"LocalReferenceAttention: reference grid {tuple(refs.shape[-2:])} != video grid {(h, w)}"
+                )
             q = q * d**-0.5
             keys, values = self.to_kv(self.norm_ref(refs.flatten(0, 1))).unflatten(0, (b, -1)).chunk(2, dim=2)
             logits, _ = _window_logits(q, keys, self.offset_bias, mask, self.window)
             logits_null = torch.einsum("bthwnd,nd->bthwn", q, null_k)[..., None]
             attn = torch.cat([logits_null, logits], dim=-1).softmax(dim=-1)
-            windows = _window_values(values, self.window, nh)
+            windows = _windows(values, self.window, nh)
             out = attn[..., :1] * null_v + torch.einsum("bthwnj,bhwnjd->bthwnd", attn[..., 1:], windows)
         out = self.to_out(rearrange(out, "b t h w nh d -> b t h w (nh d)"))
         return x + rearrange(out, "b t h w c -> b c t h w")
@@ -616,7 +620,7 @@ class ReferenceCopyHead(nn.Module):
         logits, keep = _window_logits(q, keys, self.offset_bias, refs.mask, self.window)
         usable = keep.any(dim=-1)[:, None, :, :, None, None]  # [B, 1, h, w, 1, 1]: some cell to copy from
         attn = torch.where(usable, logits, torch.zeros_like(logits)).softmax(dim=-1)
-        copy = torch.einsum("bthwnj,bhwnjd->bthwd", attn, _window_values(refs.pixels, self.window, 1))
+        copy = torch.einsum("bthwnj,bhwnjd->bthwd", attn, _windows(refs.pixels, self.window, 1))
         blend = rearrange(cells, "b p t h w -> b t h w p")
         diff = copy - blend
         gate = torch.sigmoid(self.to_gate(torch.cat([feats, diff, diff.abs()], dim=-1))) * usable[..., 0]
