@@ -205,6 +205,7 @@ def test_local_reference_attention_reads_the_window_cell_it_prefers(offset):
         block.to_kv.weight[c:, :, 0, 0] = torch.eye(c)  # values = the (normalised) reference features
         block.to_out.weight.copy_(torch.eye(c))
         block.null_kv.zero_()
+        block.null_kv[1].fill_(0.5)  # a null value unlike any frame cell or the zero padding
         r = cfg.local_window // 2
         dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
         chosen = (dy.flatten() == offset[0]) & (dx.flatten() == offset[1])
@@ -218,8 +219,8 @@ def test_local_reference_attention_reads_the_window_cell_it_prefers(offset):
             sy, sx = y + offset[0], xx + offset[1]
             if 0 <= sy < h and 0 <= sx < w:
                 torch.testing.assert_close(out[0, :, :, y, xx], values[0, :, sy, sx, None].expand(c, 2))
-            else:  # the preferred cell is outside the frame: the null token (0) and the in-frame cells share
-                assert torch.isfinite(out[0, :, :, y, xx]).all()
+            else:  # the preferred cell is the zero padding, which is excluded: the null token (logit 0) wins
+                torch.testing.assert_close(out[0, :, :, y, xx], torch.full((c, 2), 0.5))
 
 
 def test_reference_copy_head_with_an_open_gate_draws_the_reference_exactly():

@@ -196,6 +196,14 @@ def vae_decode_flops(cfg: VAEConfig, height: int, width: int, references: int = 
             r_t = 2 if cfg.temporal_down[lvl] else 1
             parts["up blocks"] += conv(lvl + 1, cfg.widths[lvl + 1], c * r_t * 4, 9)
     parts["convolutions"] += conv(0, cfg.widths[0], cfg.in_channels * p * p, kt * 9)
+    if cfg.reference_copy:  # queries, reference keys, logits over K window^2 cells, the pixel copy, the gate
+        q, c, px, cells = frames[0] * grid[0], cfg.widths[0], cfg.in_channels * p * p, references * cfg.local_window**2
+        parts["reference copy head"] = (
+            _linear(q, c, c)
+            + _linear(references * grid[0], c, c)
+            + 2.0 * q * cells * (c + px)
+            + _linear(q, c + 2 * px, px)
+        )
     parts["total"] = sum(parts.values())
     return parts
 

@@ -26,7 +26,7 @@ Architecture (our reading of paper 002's abstract; the method section was not av
   then come from the references and the latent is free to carry dynamics.
 * **Local reference attention and the reference copy head** (ours, for static cameras): at the highest
   resolution, each position attends to a small window of the reference around the same place, and the
-  decoder's output blends in the reference's own pixels through a learned gate (docs/vae.md, rows s-v).
+  decoder's output blends in the reference's own pixels through a learned gate (docs/vae.md, rows s-w).
 * Per-position RMS normalisation over channels (as Wan), so no normalisation mixes time.
 * A diagonal Gaussian posterior; per-channel latent normalisation buffers (``latent_mean``,
   ``latent_std``) that the training stage fills from data and saves in the checkpoint.
@@ -589,10 +589,11 @@ class ReferenceCopyHead(nn.Module):
     Feature attention (above) can only add to the decoder's own blurred estimate; to draw a static edge exactly
     the decoder would have to cancel that estimate first. This head instead attends, from the level-0 decoder
     features, over a window of reference cells (keys: level-0 reference features; values: the reference's own
-    patchified pixels) and mixes: ``out = cells + g (copy - cells)``, ``g = sigmoid(linear(features))`` per output
-    value. Where the reference shows the same thing (background, clothes) g can go to 1 and the pixels are the
-    reference's; where the person moves, g goes to 0 and the latent draws. No null token: a sample without
-    (unmasked) references keeps ``cells`` unchanged. The gate starts at sigmoid(-2) = 0.12 everywhere.
+    patchified pixels) and mixes: ``out = cells + g (copy - cells)``, with ``g = sigmoid(linear([features,
+    copy - cells, |copy - cells|]))`` per output value. Where the reference shows the same thing (background,
+    clothes) g can go to 1 and the pixels are the reference's; where the person moves, g should go to 0 and the
+    latent draws (on this data it does not fully: a raised arm is drawn faint, docs/vae.md). No null token: a
+    sample without (unmasked) references keeps ``cells`` unchanged. The gate starts at sigmoid(-2) = 0.12.
     """
 
     def __init__(self, dim: int, pixel_channels: int, cfg: VAEConfig) -> None:
@@ -993,7 +994,7 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     # CPU tests and the embedded synthetic default at 64x64: f8 t4 c16 (48x), because the mini DiT
     # preset takes 16 latent channels on 8x8 latents. Levels at 1/2, 1/4, 1/8; global reference attention at
     # 1/4, 1/8; local (5x5) reference attention and the reference copy head at 1/2: static detail comes from the
-    # reference image (docs/vae.md rows s-v: eval PSNR 27.3 -> 29.7 dB, SSIM 0.76 -> 0.92).
+    # reference image (docs/vae.md rows s-w; in the chain eval PSNR 27.1 -> 29.5 dB, SSIM 0.76 -> 0.92).
     "tiny": VAEConfig(local_attn_levels=(0,), reference_copy=True),
     # f4 t4 c4 (48x like tiny; 64x64 video -> 4 x 16x16 latents), for mouths of a few pixels: at 64x64 a
     # synthetic mouth is ~7x3 pixels and f8 puts the whole face in 2x3 latent pixels. Measured on the 16 eval
