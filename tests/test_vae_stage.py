@@ -362,3 +362,31 @@ def test_recipe_optimiser_fits_a_fixed_batch_without_grain_or_tint(tmp_path):
     assert 0.7 < q["hf_ratio"] < 1.25, q
     assert q["colour_error_max"] < 2.0, q
     assert q["psnr"] > 25.0, q
+
+
+@pytest.mark.parametrize("estimate_weight", [0.0, 0.5])
+def test_estimate_term_trains_the_drawing_that_an_open_copy_gate_hides(tmp_path, estimate_weight):
+    """With the copy gate fully open the output is the reference's pixels, so the output's loss leaves the decoder's
+    own drawing (conv_out) without gradient; ``estimate_weight`` puts its pixel terms on that drawing."""
+    stage = VAEStage(architecture={"reference_copy": True}, estimate_weight=estimate_weight, disc_weight=0.0,
+                     lpips_weight=0.0, max_references=1, export_dir=str(tmp_path))  # fmt: skip
+    head = stage.vae.decoder.copy_head
+    with torch.no_grad():
+        head.to_gate.bias.fill_(60.0)
+    batch = _batch(size=32)
+    clip, guidance = stage.clip_and_references(batch, 1)
+    out = stage.vae(clip, guidance, sample=False)
+    assert out.estimate is not None and out.estimate.shape == out.recon.shape
+    nll, logs = stage.reconstruction_nll(batch, out, clip)
+    nll.backward()
+    grad = stage.vae.decoder.conv_out.weight.grad
+    if estimate_weight == 0:
+        assert grad is None or grad.abs().max().item() == 0.0
+        assert "estimate_l1" not in logs
+    else:
+        assert grad.abs().max().item() > 0.0
+        expected = stage.pixel_losses(batch, out.recon, clip)[0] + estimate_weight * logs["estimate_l1"]
+        assert nll.item() == pytest.approx(expected.item(), rel=1e-6)
+    no_copy = VAEStage(architecture={"reference_copy": False}, estimate_weight=0.5, disc_weight=0.0,
+                       lpips_weight=0.0, export_dir=str(tmp_path))  # fmt: skip
+    assert no_copy.vae(clip, guidance, sample=False).estimate is None  # nothing to add without a copy head

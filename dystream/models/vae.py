@@ -283,6 +283,7 @@ class VAEOutput:
     mean: Tensor  # [B, z, 1 + k, h, w], raw (un-normalised) posterior
     logvar: Tensor
     latents: Tensor  # the raw sample that was decoded
+    estimate: Tensor | None = None  # the decoder's own drawing before the reference copy head (None without one)
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,7 +749,10 @@ class Decoder(nn.Module):
         self.conv_out = CausalConv3d(cfg.widths[0], cfg.in_channels * p * p, k)
         self.copy_head = ReferenceCopyHead(cfg.widths[0], cfg.in_channels * p * p, cfg) if cfg.reference_copy else None
 
-    def forward(self, z: Tensor, refs: ReferenceFeatures | None, cache: VAECache) -> Tensor:
+    def forward(
+        self, z: Tensor, refs: ReferenceFeatures | None, cache: VAECache, with_estimate: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Latents -> video; with ``with_estimate`` also the drawing before the copy head (None without one)."""
         x = self.conv_in(z, cache) + _shortcut(_channel_repeat, z, self.cfg.widths[-1], self.cfg)
         for lvl in reversed(range(self.cfg.num_levels)):
             for block in self.blocks[lvl]:
@@ -761,8 +765,16 @@ class Decoder(nn.Module):
                 x = self.ups[lvl - 1](x, cache.first)
         stem = self.cfg.in_channels * self.cfg.patch_size**2
         cells = self.conv_out(F.silu(self.norm_out(x)), cache) + _shortcut(_channel_mean, x, stem, self.cfg)
+        estimate = None
         if self.copy_head is not None:
+            estimate = cells
             cells = self.copy_head(x, cells, refs)
+        video = self._unpatchify(cells)
+        if not with_estimate:
+            return video
+        return video, None if estimate is None else self._unpatchify(estimate)
+
+    def _unpatchify(self, cells: Tensor) -> Tensor:
         return rearrange(cells, "b (c p q) t h w -> b c t (h p) (w q)", p=self.cfg.patch_size, q=self.cfg.patch_size)
 
 
@@ -910,8 +922,8 @@ class ReferenceGuidedVAE(nn.Module):
         refs = self.encode_references(references, reference_mask)
         mean, logvar = self.encoder(video, refs, VAECache("encode", refs))
         z = _sample(mean, logvar) if sample else mean
-        recon = self.decoder(z, refs, VAECache("decode", refs))
-        return VAEOutput(recon=recon, mean=mean, logvar=logvar, latents=z)
+        recon, estimate = self.decoder(z, refs, VAECache("decode", refs), with_estimate=True)
+        return VAEOutput(recon=recon, mean=mean, logvar=logvar, latents=z, estimate=estimate)
 
     # ---------------------------------------------------------------- streaming
     def new_encode_cache(self, references: Tensor | None = None, reference_mask: Tensor | None = None) -> VAECache:

@@ -43,6 +43,7 @@ from dystream.models.vae import (
     PatchDiscriminator3D,
     ReferenceGuidedVAE,
     VAEConfig,
+    VAEOutput,
 )
 from dystream.objectives.vae import (
     adaptive_gan_weight,
@@ -96,6 +97,10 @@ class VAEStage(L.LightningModule):
         colour_weight: weight of the L1 between each frame's mean colour and the real frame's, per channel: a
             clip-wide tint costs the per-pixel L1 little; 0 = off. Measured at the embedded scale: no gain, more
             background speckle (docs/vae.md, row p).
+        estimate_weight: weight of the same pixel terms on the decoder's own drawing before the reference copy head
+            (``reference_copy`` presets; 0 = off). Where the copy head copies, the drawing gets no gradient, so the
+            decoder stops drawing what the reference shows, and a raised arm, absent from the reference, is left
+            faint; this term keeps the drawing whole, so the gate can tell motion from a static region.
         kl_weight: weight of the KL term, averaged over latent elements.
         disc_weight: scale of LDM's adaptive GAN weight (``disc_weighting: adaptive``) or the adversarial term's
             weight itself (``fixed``); 0 disables the discriminator.
@@ -140,6 +145,7 @@ class VAEStage(L.LightningModule):
         hands_weight: NonNegativeFloat = 0.0,
         hands_pad: NonNegativeFloat = 0.25,
         colour_weight: NonNegativeFloat = 0.0,
+        estimate_weight: NonNegativeFloat = 0.0,
         kl_weight: NonNegativeFloat = 1e-4,
         disc_weight: NonNegativeFloat = 0.05,
         disc_start: NonNegativeInt = 2000,
@@ -239,6 +245,43 @@ class VAEStage(L.LightningModule):
             net.to(self.device)
         return net
 
+    def pixel_losses(self, batch: dict[str, Any], video: Tensor, clip: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted pixel terms (L1, face, mouth, hands, colour, LPIPS) of one decoded video, and their logs."""
+        hp = self.hparams
+        rec = l1_loss(video, clip)
+        nll = hp.l1_weight * rec
+        logs = {"l1": rec.detach()}
+        if hp.face_weight > 0:
+            face = self.face_l1(batch, video, clip)
+            nll = nll + hp.face_weight * face
+            logs["face_l1"] = face.detach()
+        if hp.mouth_weight > 0:
+            mouth = self.region_l1(batch, video, clip, (MOUTH,), hp.mouth_pad)
+            nll = nll + hp.mouth_weight * mouth
+            logs["mouth_l1"] = mouth.detach()
+        if hp.hands_weight > 0:
+            hands = self.region_l1(batch, video, clip, (LEFT_HAND, RIGHT_HAND), hp.hands_pad)
+            nll = nll + hp.hands_weight * hands
+            logs["hands_l1"] = hands.detach()
+        if hp.colour_weight > 0:
+            colour = colour_l1_loss(video, clip)
+            nll = nll + hp.colour_weight * colour
+            logs["colour_l1"] = colour.detach()
+        if self.lpips is not None and hp.lpips_weight > 0:
+            perceptual = lpips_video(self.lpips, video, clip, frames=hp.lpips_frames)
+            nll = nll + hp.lpips_weight * perceptual
+            logs["lpips"] = perceptual.detach()
+        return nll, logs
+
+    def reconstruction_nll(self, batch: dict[str, Any], out: VAEOutput, clip: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The pixel terms of the output, plus ``estimate_weight`` times those of the drawing before the copy head."""
+        nll, logs = self.pixel_losses(batch, out.recon, clip)
+        if self.hparams.estimate_weight > 0 and out.estimate is not None:
+            estimate_nll, estimate_logs = self.pixel_losses(batch, out.estimate, clip)
+            nll = nll + self.hparams.estimate_weight * estimate_nll
+            logs.update({f"estimate_{name}": value for name, value in estimate_logs.items()})
+        return nll, logs
+
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         hp = self.hparams
@@ -248,29 +291,8 @@ class VAEStage(L.LightningModule):
         clip, guidance = self.clip_and_references(batch, k)
         out = self.vae(clip, guidance, sample=hp.sample_posterior)
 
-        rec = l1_loss(out.recon, clip)
-        nll = hp.l1_weight * rec
-        logs = {"l1": rec.detach(), "references": torch.tensor(float(k))}
-        if hp.face_weight > 0:
-            face = self.face_l1(batch, out.recon, clip)
-            nll = nll + hp.face_weight * face
-            logs["face_l1"] = face.detach()
-        if hp.mouth_weight > 0:
-            mouth = self.region_l1(batch, out.recon, clip, (MOUTH,), hp.mouth_pad)
-            nll = nll + hp.mouth_weight * mouth
-            logs["mouth_l1"] = mouth.detach()
-        if hp.hands_weight > 0:
-            hands = self.region_l1(batch, out.recon, clip, (LEFT_HAND, RIGHT_HAND), hp.hands_pad)
-            nll = nll + hp.hands_weight * hands
-            logs["hands_l1"] = hands.detach()
-        if hp.colour_weight > 0:
-            colour = colour_l1_loss(out.recon, clip)
-            nll = nll + hp.colour_weight * colour
-            logs["colour_l1"] = colour.detach()
-        if self.lpips is not None and hp.lpips_weight > 0:
-            perceptual = lpips_video(self.lpips, out.recon, clip, frames=hp.lpips_frames)
-            nll = nll + hp.lpips_weight * perceptual
-            logs["lpips"] = perceptual.detach()
+        nll, logs = self.reconstruction_nll(batch, out, clip)
+        logs["references"] = torch.tensor(float(k))
         kl = kl_loss(out.mean, out.logvar)
         loss = nll + hp.kl_weight * kl
         logs["kl"] = kl.detach()
