@@ -390,3 +390,20 @@ def test_estimate_term_trains_the_drawing_that_an_open_copy_gate_hides(tmp_path,
     no_copy = VAEStage(architecture={"reference_copy": False}, estimate_weight=0.5, disc_weight=0.0,
                        lpips_weight=0.0, export_dir=str(tmp_path))  # fmt: skip
     assert no_copy.vae(clip, guidance, sample=False).estimate is None  # nothing to add without a copy head
+
+
+def test_edge_term_sees_a_blurred_edge_but_not_a_tint(tmp_path):
+    from dystream.objectives.vae import edge_l1_loss
+
+    target = torch.zeros(1, 3, 2, 8, 8)
+    target[..., 4:] = 1.0  # a vertical step edge
+    assert edge_l1_loss(target + 0.3, target).item() == pytest.approx(0.0, abs=1e-7)  # a tint: no gradient error
+    blurred = target.clone()
+    blurred[..., 3], blurred[..., 4] = 1 / 3, 2 / 3  # the same step spread over three pixels
+    # Direct count: per row, the step of 1 becomes three steps of 1/3, so |error diff| = 1/3 + 1/3 + 2/3 over 7 columns
+    assert edge_l1_loss(blurred, target).item() == pytest.approx((4 / 3) / 7, rel=1e-5)
+    with pytest.raises(ValueError, match="edge_l1_loss"):
+        edge_l1_loss(blurred[:, :, 0], target[:, :, 0])
+    stage = VAEStage(edge_weight=1.0, disc_weight=0.0, lpips_weight=0.0, max_references=1, export_dir=str(tmp_path))
+    _trainer(tmp_path, 2).fit(stage, _loader(_batch(), 2))
+    assert "train/edge_l1" in stage.trainer.logged_metrics

@@ -49,6 +49,7 @@ from dystream.objectives.vae import (
     adaptive_gan_weight,
     build_lpips,
     colour_l1_loss,
+    edge_l1_loss,
     generator_adversarial_loss,
     hinge_discriminator_loss,
     keypoint_box_mask,
@@ -101,6 +102,8 @@ class VAEStage(L.LightningModule):
             (``reference_copy`` presets; 0 = off). Where the copy head copies, the drawing gets no gradient, so the
             decoder stops drawing what the reference shows, and a raised arm, absent from the reference, is left
             faint; this term keeps the drawing whole, so the gate can tell motion from a static region.
+        edge_weight: weight of the L1 between the horizontal and vertical pixel differences of the output and of the
+            real frames: the plain L1 lets an uncertain edge blur; 0 = off.
         kl_weight: weight of the KL term, averaged over latent elements.
         disc_weight: scale of LDM's adaptive GAN weight (``disc_weighting: adaptive``) or the adversarial term's
             weight itself (``fixed``); 0 disables the discriminator.
@@ -146,6 +149,7 @@ class VAEStage(L.LightningModule):
         hands_pad: NonNegativeFloat = 0.25,
         colour_weight: NonNegativeFloat = 0.0,
         estimate_weight: NonNegativeFloat = 0.0,
+        edge_weight: NonNegativeFloat = 0.0,
         kl_weight: NonNegativeFloat = 1e-4,
         disc_weight: NonNegativeFloat = 0.05,
         disc_start: NonNegativeInt = 2000,
@@ -263,6 +267,10 @@ class VAEStage(L.LightningModule):
             hands = self.region_l1(batch, video, clip, (LEFT_HAND, RIGHT_HAND), hp.hands_pad)
             nll = nll + hp.hands_weight * hands
             logs["hands_l1"] = hands.detach()
+        if hp.edge_weight > 0:
+            edges = edge_l1_loss(video, clip)
+            nll = nll + hp.edge_weight * edges
+            logs["edge_l1"] = edges.detach()
         if hp.colour_weight > 0:
             colour = colour_l1_loss(video, clip)
             nll = nll + hp.colour_weight * colour
