@@ -281,7 +281,9 @@ class VAEStage(L.LightningModule):
             logs["lpips"] = perceptual.detach()
         return nll, logs
 
-    def reconstruction_nll(self, batch: dict[str, Any], out: VAEOutput, clip: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def reconstruction_nll(
+        self, batch: dict[str, Any], out: VAEOutput, clip: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The pixel terms of the output, plus ``estimate_weight`` times those of the drawing before the copy head."""
         nll, logs = self.pixel_losses(batch, out.recon, clip)
         if self.hparams.estimate_weight > 0 and out.estimate is not None:
