@@ -13,11 +13,12 @@ import pytest
 import torch
 from serve_common import build_app, png_bytes, speech_like, wav_bytes, write_exports
 
-from dystream.serving.app import REGISTRY, BadInput, decode_image, decode_wav
+from dystream.serving.app import CATALOG, REGISTRY, BadInput, decode_image, decode_wav
 from dystream.serving.client import CallClient, CallError, b64
 from dystream.serving.config import ServeConfig
 from dystream.serving.local import LocalServer
 from dystream.serving.session import LiveSession, SessionClosed, VoiceSource
+from dystream.streaming.avatar import prepare_reference
 
 TOKEN = "serve-test-token"
 HOOKED: list[LiveSession] = []  # calls as the server's on_session hook saw them
@@ -80,7 +81,7 @@ def _client(server) -> CallClient:
 
 
 def test_two_calls_are_isolated_and_bad_requests_do_not_disturb_them(server):
-    """Two calls with different references get different frames; while both run, a third call is refused (503)
+    """Two calls run two avatars, each on its own reference; while both run, a third call is refused (503)
     and every bad request gets its own clear error; then a hang-up and a vanished peer both free their calls."""
     partner = speech_like(20.0)
 
@@ -97,9 +98,19 @@ def test_two_calls_are_isolated_and_bad_requests_do_not_disturb_them(server):
                 assert stats["latency_s"]["median"] > stats["algorithmic_latency_s"]  # audio in -> frame out
                 assert stats["rtf_dit"] is not None and stats["first_frame_delay_s"] is not None
             await until(lambda: len(a.frames) > 5 and len(b.frames) > 5, 5, "received frames")
-            fa, fb = a.frames[-1][1].astype(float), b.frames[-1][1].astype(float)
+            fa, fb = a.frames[-1][1], b.frames[-1][1]
             assert fa.shape == fb.shape == (32, 32, 3)
-            assert np.abs(fa - fb).mean() > 10, "different references must give different frames"
+            # Each call streams its own avatar, conditioned on its own reference. (The frames of these random
+            # weights change more over time than between references, so the pixels themselves cannot show it.)
+            calls = {s.id: s for s in HOOKED}
+            call_a, call_b = calls[a.session], calls[b.session]
+            assert call_a.avatar is not call_b.avatar
+            uploaded = decode_image(png_bytes(48, 40, seed=1), ServeConfig())
+            sent = {call_a: server.app[CATALOG].reference("synthetic-1"), call_b: uploaded}
+            for call, image in sent.items():
+                expected = prepare_reference(image, (32, 32))
+                torch.testing.assert_close(call.avatar.reference.float().cpu(), expected, atol=1e-3, rtol=0)
+            assert (call_a.avatar.reference - call_b.avatar.reference).abs().mean() > 0.2
 
             with pytest.raises(CallError) as full:  # the limit: a clear refusal, before any work
                 await c.start(partner, reference={"name": "synthetic-2"})
