@@ -59,6 +59,44 @@ def contact_sheet(real: np.ndarray, recon: np.ndarray, path: str | Path, clips: 
     return path
 
 
+def copy_gate_by_region(gate: np.ndarray, frames: np.ndarray, kpts: list[np.ndarray | None]) -> dict[str, float]:
+    """Mean opening of the reference copy head's gate (``gate [N, T, H, W]`` in [0, 1], 1 = the reference's pixels)
+    in the lips' box, in the hands' boxes (the clips' keypoint labels), where the real video moves (a pixel changing
+    by more than 0.05 of the range from the previous frame) and where it is still. A gate that copies the reference
+    as much where the person moves as where nothing moves cannot bring back what the reference does not show."""
+    import torch
+
+    from dystream.datamodules.keypoints import HANDS, MOUTH
+    from dystream.objectives.vae import keypoint_box_mask
+
+    n, t, h, w = gate.shape
+    if frames.shape[:4] != (n, t, h, w):
+        raise ValueError(f"copy_gate_by_region: gate {gate.shape} and frames {frames.shape} do not match")
+    luma = frames.astype(np.float32).mean(-1) / 255.0
+    moving = np.zeros((n, t, h, w), bool)
+    moving[:, 1:] = np.abs(np.diff(luma, axis=1)) > 0.05
+    still = np.ones_like(moving)
+    still[:, 0] = False  # frame 0 has no previous frame to compare with
+    still &= ~moving
+    out = {"moving": float(gate[moving].mean()) if moving.any() else float("nan"), "still": float(gate[still].mean())}
+    labelled = [i for i, k in enumerate(kpts) if k is not None]
+    if labelled:
+        kp = torch.from_numpy(np.stack([kpts[i] for i in labelled])).float()
+        half = (HANDS.stop - HANDS.start) // 2
+        boxes = {
+            "lips": keypoint_box_mask(kp, MOUTH, h, w),
+            "hands": (
+                keypoint_box_mask(kp, slice(HANDS.start, HANDS.start + half), h, w)
+                + keypoint_box_mask(kp, slice(HANDS.start + half, HANDS.stop), h, w)
+            ).clamp(max=1),
+        }
+        g = gate[labelled]
+        for name, box in boxes.items():
+            m = box.numpy() > 0
+            out[name] = float(g[m].mean()) if m.any() else float("nan")
+    return out
+
+
 def guidance_frames(args: argparse.Namespace) -> bool | np.ndarray:
     """False, True (the reference image) or uint8 [N, K, H, W, 3]: frame 0 and K - 1 frames spread evenly over the
     frames between it and the evaluated window (never frames the VAE reconstructs)."""
@@ -93,14 +131,27 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.vae).is_file():
         print(f"vae-report: {args.vae} not found (train one with `make train RECIPE=vae`)")
         return 2
+    from dystream.stages.common import load_frozen
+
     clips = load_clips(ClipsConfig(shards=args.shards, count=args.clips, frames=args.frames))
+    vae = load_frozen(args.vae, "vae")
+    head = vae.decoder.copy_head
+    logits: list[torch.Tensor] = []  # the copy gate's logits [B, T, h, w, 3 p^2] of each decoded batch
+    hook = head.to_gate.register_forward_hook(lambda m, i, o: logits.append(o.detach())) if head else None
     torch.manual_seed(0)
     start = time.perf_counter()
     recon = np.stack(
-        reconstruct(args.vae, clips.references, clips.frames, device=args.device, guidance=guidance_frames(args))
+        reconstruct(vae, clips.references, clips.frames, device=args.device, guidance=guidance_frames(args))
     )
     seconds = time.perf_counter() - start
     figures = reconstruction_quality(recon, clips.frames)
+    if hook is not None:
+        hook.remove()
+        if logits:  # [N, T, H, W]: the gate per pixel, averaged over colours; the reference frame dropped
+            p = vae.config.patch_size
+            gate = torch.cat(logits).sigmoid()[:, 1:].unflatten(-1, (-1, p, p)).mean(-3)
+            gate = gate.permute(0, 1, 2, 4, 3, 5).flatten(2, 3).flatten(3, 4).cpu().numpy()
+            figures["copy_gate"] = copy_gate_by_region(gate, clips.frames, clips.kpts)
     figures.update(clips=len(clips.keys), frames=int(clips.frames.shape[1]), references=args.references)
     figures["seconds_per_frame"] = seconds / (clips.frames.shape[0] * clips.frames.shape[1])
     print(
@@ -108,6 +159,11 @@ def run(args: argparse.Namespace) -> int:
         f"colour error max {figures['colour_error_max']:.2f} / mean {figures['colour_error_mean']:.2f} (1/255)  "
         f"[{figures['clips']} clips x {figures['frames']} frames, K={args.references}]"
     )
+    if "copy_gate" in figures:
+        print(
+            "copy gate (mean, 1 = the reference's pixels): "
+            + "  ".join(f"{k} {v:.3f}" for k, v in figures["copy_gate"].items())
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     if args.sheet:
