@@ -146,6 +146,43 @@ def test_chunked_decode_equals_one_shot(chunks, preset):
     assert (streamed - full).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("chunks", [[1, 1, 1, 1], [2, 2], [1, 3]])
+def test_chunked_decode_with_a_motion_aware_copy_gate_equals_one_shot(chunks):
+    """The gate's motion cue (the drawing's temporal difference) is causal and cached: chunked decoding equals one
+    shot, and the cue changes the output (so a chunk that forgot the previous frame would fail here)."""
+    vae, refs = _vae(copy_gate_motion=True), _refs()
+    head = vae.decoder.copy_head
+    with torch.no_grad():
+        head.to_gate.weight.normal_(0, 0.5)
+    f = vae.config.spatial_factor
+    z = torch.randn(2, vae.config.latent_channels, sum(chunks), H // f, W // f)
+    with torch.no_grad():
+        full = vae.decode(z, refs)
+        cache = vae.new_decode_cache(refs)
+        parts, start = [], 0
+        for n in chunks:
+            parts.append(vae.decode_chunk(z[:, :, start : start + n], cache))
+            start += n
+        head.to_gate.weight[:, -head.to_gate.out_features :] = 0.0  # blind the gate to motion
+        blind = vae.decode(z, refs)
+    assert (torch.cat(parts, dim=2) - full).abs().max().item() <= 1e-5
+    assert (blind - full).abs().max().item() > 1e-3
+
+
+def test_motion_cue_starts_as_the_drawings_temporal_difference():
+    """At initialisation the cue is estimate_t - estimate_{t-1} (zero before the first frame): a still drawing has
+    no motion after its first frame, and a pixel that changes has motion only where and when it changes."""
+    head = _vae(copy_gate_motion=True).decoder.copy_head
+    cells = torch.randn(1, head.to_gate.out_features, 1, 4, 4).expand(-1, -1, 5, -1, -1).clone()
+    cells[0, 3, 2:, 1, 2] += 0.7  # one value changes at frame 2 and stays
+    with torch.no_grad():
+        motion = head.motion(cells)
+    torch.testing.assert_close(motion[:, :, 0], cells[:, :, 0])
+    expected = torch.zeros_like(motion[:, :, 1:])
+    expected[0, 3, 1, 1, 2] = 0.7
+    torch.testing.assert_close(motion[:, :, 1:], expected, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- references
 
 

@@ -202,7 +202,8 @@ def vae_decode_flops(cfg: VAEConfig, height: int, width: int, references: int = 
             _linear(q, c, c)
             + _linear(references * grid[0], c, c)
             + 2.0 * q * cells * (c + px)
-            + _linear(q, c + 2 * px, px)
+            + _linear(q, c + (3 if cfg.copy_gate_motion else 2) * px, px)
+            + (_linear(q, 2 * px, px) if cfg.copy_gate_motion else 0.0)
         )
     parts["total"] = sum(parts.values())
     return parts

@@ -110,6 +110,10 @@ class VAEConfig:
     # Decoder output: blend in reference pixels copied through a local window, with a learned per-pixel gate
     # (ReferenceCopyHead). Needs the level-0 reference features, so level 0 joins the reference levels.
     reference_copy: bool = False
+    # The copy gate also sees the motion of the decoder's own drawing (|estimate_t - estimate_{t-1}|, a causal
+    # temporal difference, learned from that initialisation): where the drawing moves (lips, a gesturing arm) the
+    # reference's frame-0 pixels are the wrong answer (docs/vae.md, row aa).
+    copy_gate_motion: bool = False
     head_dim: int = 24
     temporal_kernel: int = 3
     # DC-AE / paper 002 residual auto-encoding: the non-parametric space/time-to-channel shortcuts beside every
@@ -595,6 +599,8 @@ class ReferenceCopyHead(nn.Module):
     clothes) g can go to 1 and the pixels are the reference's; where the person moves, g should go to 0 and the
     latent draws (on this data it does not fully: a raised arm is drawn faint, docs/vae.md). No null token: a
     sample without (unmasked) references keeps ``cells`` unchanged. The gate starts at sigmoid(-2) = 0.12.
+    With ``copy_gate_motion`` the gate also sees ``|cells_t - cells_{t-1}|``, the motion of the decoder's own drawing
+    (a causal temporal conv initialised to that difference; its cache carries the previous frame across chunks).
     """
 
     def __init__(self, dim: int, pixel_channels: int, cfg: VAEConfig) -> None:
@@ -607,12 +613,26 @@ class ReferenceCopyHead(nn.Module):
         self.offset_bias = nn.Parameter(_window_prior(self.window, 1))
         # The gate sees the features and how far the copy is from the decoder's own estimate (signed and absolute):
         # a gesturing arm that the reference does not show is a large difference, and there the copy must not win.
-        self.to_gate = nn.Linear(dim + 2 * pixel_channels, pixel_channels)
+        self.motion = None
+        if cfg.copy_gate_motion:  # estimate_t - estimate_{t-1}, causal and cached like every temporal conv
+            self.motion = CausalConv3d(pixel_channels, pixel_channels, (2, 1, 1))
+            with torch.no_grad():
+                self.motion.weight.zero_()
+                self.motion.bias.zero_()
+                eye = torch.eye(pixel_channels)
+                self.motion.weight[:, :, 0, 0, 0] = -eye
+                self.motion.weight[:, :, 1, 0, 0] = eye
+        extra = pixel_channels if self.motion is not None else 0
+        self.to_gate = nn.Linear(dim + 2 * pixel_channels + extra, pixel_channels)
         nn.init.zeros_(self.to_gate.weight)
         nn.init.constant_(self.to_gate.bias, -2.0)
 
-    def forward(self, x: Tensor, cells: Tensor, refs: ReferenceFeatures | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cells: Tensor, refs: ReferenceFeatures | None, cache: VAECache | None = None
+    ) -> Tensor:
         # x: [B, C, T, h, w] level-0 features; cells: [B, P, T, h, w] the decoder's patchified output
+        # the motion conv runs on every chunk, copied or not, so that its cache always holds the previous frame
+        motion = None if self.motion is None else self.motion(cells, cache)
         if refs is None or refs.pixels is None or refs.pixels.shape[1] == 0:
             return cells
         b, c, t, h, w = x.shape
@@ -625,7 +645,10 @@ class ReferenceCopyHead(nn.Module):
         copy = torch.einsum("bthwnj,bhwnjd->bthwd", attn, _windows(refs.pixels, self.window, 1))
         blend = rearrange(cells, "b p t h w -> b t h w p")
         diff = copy - blend
-        gate = torch.sigmoid(self.to_gate(torch.cat([feats, diff, diff.abs()], dim=-1))) * usable[..., 0]
+        cues = [feats, diff, diff.abs()]
+        if motion is not None:
+            cues.append(rearrange(motion, "b p t h w -> b t h w p").abs())
+        gate = torch.sigmoid(self.to_gate(torch.cat(cues, dim=-1))) * usable[..., 0]
         blend = blend + gate * diff
         return rearrange(blend, "b t h w p -> b p t h w")
 
@@ -768,7 +791,7 @@ class Decoder(nn.Module):
         estimate = None
         if self.copy_head is not None:
             estimate = cells
-            cells = self.copy_head(x, cells, refs)
+            cells = self.copy_head(x, cells, refs, cache)
         video = self._unpatchify(cells)
         if not with_estimate:
             return video
