@@ -395,6 +395,67 @@ def test_estimate_term_trains_the_drawing_that_an_open_copy_gate_hides(tmp_path,
     assert no_copy.vae(clip, guidance, sample=False).estimate is None  # nothing to add without a copy head
 
 
+def test_copy_head_parts_recompose_the_output(tmp_path):
+    """The copy head's estimate, copy and gate, returned for the gate term, are the ones that made the output:
+    recon = estimate + gate (copy - estimate); without guidance there is no copy and no gate."""
+    stage = VAEStage(architecture={"reference_copy": True}, disc_weight=0.0, lpips_weight=0.0, max_references=1,
+                     export_dir=str(tmp_path))  # fmt: skip
+    with torch.no_grad():
+        stage.vae.decoder.copy_head.to_gate.weight.normal_(0.0, 0.1)  # a gate that varies over the frame
+    batch = _batch(size=32)
+    clip, guidance = stage.clip_and_references(batch, 1)
+    out = stage.vae(clip, guidance, sample=False)
+    assert out.copy.shape == out.copy_gate.shape == out.recon.shape
+    assert out.copy_gate.std() > 0.01 and 0 <= out.copy_gate.min() and out.copy_gate.max() <= 1
+    torch.testing.assert_close(out.recon, out.estimate + out.copy_gate * (out.copy - out.estimate))
+    unguided = stage.vae(clip, None, sample=False)
+    assert unguided.copy is None and unguided.copy_gate is None
+
+
+def test_copy_gate_loss_is_the_cross_entropy_against_where_the_copy_is_right():
+    from dystream.objectives.vae import copy_gate_loss
+
+    g = torch.Generator().manual_seed(0)
+    gate, copy, real = torch.rand(3, 2, 3, 2, 4, 4, generator=g)
+    right = ((copy - real).abs() <= 0.3).float()
+    direct = -(right * gate.log() + (1 - right) * (1 - gate).log()).mean()
+    torch.testing.assert_close(copy_gate_loss(gate, copy, real, 0.3), direct)
+    assert copy_gate_loss(right, copy, real, 0.3) < 1e-4  # a gate that knows where the copy is right pays nothing
+    with pytest.raises(ValueError, match="must match"):
+        copy_gate_loss(gate[:, :1], copy, real, 0.3)
+
+
+@pytest.mark.parametrize("gate_weight", [0.0, 1.0])
+def test_gate_term_trains_the_gate_towards_where_the_copy_is_right(tmp_path, gate_weight):
+    """``gate_weight`` adds the gate's cross-entropy to the pixel terms; a few steps of it alone on a fixed batch
+    (the moving gradient frames, whose references differ from them in places) lower it."""
+    from dystream.objectives.vae import copy_gate_loss
+
+    stage = VAEStage(architecture={"reference_copy": True}, gate_weight=gate_weight, disc_weight=0.0,
+                     lpips_weight=0.0, max_references=1, export_dir=str(tmp_path))  # fmt: skip
+    batch = _batch(size=32)
+    clip, guidance = stage.clip_and_references(batch, 1)
+    out = stage.vae(clip, guidance, sample=False)
+    nll, logs = stage.reconstruction_nll(batch, out, clip)
+    gate_bce = copy_gate_loss(out.copy_gate, out.copy, clip, stage.hparams.gate_tolerance)
+    expected = stage.pixel_losses(batch, out.recon, clip)[0] + gate_weight * gate_bce
+    assert nll.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ("copy_gate_bce" in logs) == (gate_weight > 0)
+    if gate_weight == 0:
+        return
+    head = stage.vae.decoder.copy_head
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        out = stage.vae(clip, guidance, sample=False)
+        loss = copy_gate_loss(out.copy_gate, out.copy, clip, stage.hparams.gate_tolerance)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
 def test_edge_term_sees_a_blurred_edge_but_not_a_tint(tmp_path):
     from dystream.objectives.vae import edge_l1_loss
 

@@ -288,6 +288,8 @@ class VAEOutput:
     logvar: Tensor
     latents: Tensor  # the raw sample that was decoded
     estimate: Tensor | None = None  # the decoder's own drawing before the reference copy head (None without one)
+    copy: Tensor | None = None  # what the copy head copies from the references (None without one or without refs)
+    copy_gate: Tensor | None = None  # the head's gate per pixel and channel, 1 = the copy (None as ``copy``)
 
 
 # --------------------------------------------------------------------------------------------
@@ -629,12 +631,13 @@ class ReferenceCopyHead(nn.Module):
 
     def forward(
         self, x: Tensor, cells: Tensor, refs: ReferenceFeatures | None, cache: VAECache | None = None
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(blended cells, copy, gate)``, all ``[B, P, T, h, w]``; copy and gate are None without references."""
         # x: [B, C, T, h, w] level-0 features; cells: [B, P, T, h, w] the decoder's patchified output
         # the motion conv runs on every chunk, copied or not, so that its cache always holds the previous frame
         motion = None if self.motion is None else self.motion(cells, cache)
         if refs is None or refs.pixels is None or refs.pixels.shape[1] == 0:
-            return cells
+            return cells, None, None
         b, c, t, h, w = x.shape
         feats = rearrange(self.norm(x), "b c t h w -> b t h w c")
         q = self.to_q(feats).unsqueeze(-2) * c**-0.5  # [B, T, h, w, 1, C]
@@ -650,7 +653,8 @@ class ReferenceCopyHead(nn.Module):
             cues.append(rearrange(motion, "b p t h w -> b t h w p").abs())
         gate = torch.sigmoid(self.to_gate(torch.cat(cues, dim=-1))) * usable[..., 0]
         blend = blend + gate * diff
-        return rearrange(blend, "b t h w p -> b p t h w")
+        blend, copy, gate = (rearrange(a, "b t h w p -> b p t h w") for a in (blend, copy, gate))
+        return blend, copy, gate
 
 
 class ResBlock2d(nn.Module):
@@ -773,9 +777,10 @@ class Decoder(nn.Module):
         self.copy_head = ReferenceCopyHead(cfg.widths[0], cfg.in_channels * p * p, cfg) if cfg.reference_copy else None
 
     def forward(
-        self, z: Tensor, refs: ReferenceFeatures | None, cache: VAECache, with_estimate: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor | None]:
-        """Latents -> video; with ``with_estimate`` also the drawing before the copy head (None without one)."""
+        self, z: Tensor, refs: ReferenceFeatures | None, cache: VAECache, with_copy: bool = False
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor | None]]:
+        """Latents -> video; with ``with_copy`` also the copy head's ``estimate`` (the drawing before it), ``copy``
+        and ``copy_gate``, as videos (None without a copy head; copy and gate None without references)."""
         x = self.conv_in(z, cache) + _shortcut(_channel_repeat, z, self.cfg.widths[-1], self.cfg)
         for lvl in reversed(range(self.cfg.num_levels)):
             for block in self.blocks[lvl]:
@@ -788,14 +793,14 @@ class Decoder(nn.Module):
                 x = self.ups[lvl - 1](x, cache.first)
         stem = self.cfg.in_channels * self.cfg.patch_size**2
         cells = self.conv_out(F.silu(self.norm_out(x)), cache) + _shortcut(_channel_mean, x, stem, self.cfg)
-        estimate = None
+        parts: dict[str, Tensor | None] = {"estimate": None, "copy": None, "copy_gate": None}
         if self.copy_head is not None:
-            estimate = cells
-            cells = self.copy_head(x, cells, refs, cache)
+            parts["estimate"] = cells
+            cells, parts["copy"], parts["copy_gate"] = self.copy_head(x, cells, refs, cache)
         video = self._unpatchify(cells)
-        if not with_estimate:
+        if not with_copy:
             return video
-        return video, None if estimate is None else self._unpatchify(estimate)
+        return video, {name: None if part is None else self._unpatchify(part) for name, part in parts.items()}
 
     def _unpatchify(self, cells: Tensor) -> Tensor:
         return rearrange(cells, "b (c p q) t h w -> b c t (h p) (w q)", p=self.cfg.patch_size, q=self.cfg.patch_size)
@@ -945,8 +950,8 @@ class ReferenceGuidedVAE(nn.Module):
         refs = self.encode_references(references, reference_mask)
         mean, logvar = self.encoder(video, refs, VAECache("encode", refs))
         z = _sample(mean, logvar) if sample else mean
-        recon, estimate = self.decoder(z, refs, VAECache("decode", refs), with_estimate=True)
-        return VAEOutput(recon=recon, mean=mean, logvar=logvar, latents=z, estimate=estimate)
+        recon, parts = self.decoder(z, refs, VAECache("decode", refs), with_copy=True)
+        return VAEOutput(recon=recon, mean=mean, logvar=logvar, latents=z, **parts)
 
     # ---------------------------------------------------------------- streaming
     def new_encode_cache(self, references: Tensor | None = None, reference_mask: Tensor | None = None) -> VAECache:

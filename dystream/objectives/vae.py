@@ -103,6 +103,21 @@ def edge_l1_loss(recon: Tensor, target: Tensor) -> Tensor:
     return error.diff(dim=-1).abs().mean() + error.diff(dim=-2).abs().mean()
 
 
+def copy_gate_loss(gate: Tensor, copy: Tensor, target: Tensor, tolerance: float) -> Tensor:
+    """Binary cross-entropy of the reference copy head's gate against where its copy is right (``|copy - target|
+    <= tolerance`` per pixel and channel). Without it the gate learns only through the pixel loss, whose gradient
+    vanishes where the copy and the decoder's drawing agree: a raised arm that the drawing leaves faint and the
+    reference does not show keeps the gate open, so the drawing never gets the gradient to draw it."""
+    if not gate.shape == copy.shape == target.shape:
+        raise ValueError(
+            f"copy_gate_loss: gate {tuple(gate.shape)}, copy {tuple(copy.shape)} and target {tuple(target.shape)} "
+            "must match"
+        )
+    right = ((copy - target).abs() <= tolerance).to(gate.dtype)
+    eps = 1e-6
+    return F.binary_cross_entropy(gate.clamp(eps, 1 - eps), right)
+
+
 def kl_loss(mean: Tensor, logvar: Tensor) -> Tensor:
     """Mean over latent elements of ``KL(N(mean, exp(logvar)) || N(0, 1))`` (Kingma & Welling, App. B)."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()

@@ -49,6 +49,7 @@ from dystream.objectives.vae import (
     adaptive_gan_weight,
     build_lpips,
     colour_l1_loss,
+    copy_gate_loss,
     edge_l1_loss,
     generator_adversarial_loss,
     hinge_discriminator_loss,
@@ -104,6 +105,10 @@ class VAEStage(L.LightningModule):
             faint; this term keeps the drawing whole, so the gate can tell motion from a static region.
         edge_weight: weight of the L1 between the horizontal and vertical pixel differences of the output and of the
             real frames: the plain L1 lets an uncertain edge blur; 0 = off.
+        gate_weight: weight of the binary cross-entropy between the copy head's gate and where its copy is right
+            (within ``gate_tolerance`` of the real pixel); 0 = off. The pixel loss alone leaves the gate open over a
+            moving arm that the decoder draws faint (docs/vae.md, row ab).
+        gate_tolerance: largest ``|copy - real|`` (pixels in [-1, 1]) at which the copy counts as right.
         kl_weight: weight of the KL term, averaged over latent elements.
         disc_weight: scale of LDM's adaptive GAN weight (``disc_weighting: adaptive``) or the adversarial term's
             weight itself (``fixed``); 0 disables the discriminator.
@@ -150,6 +155,8 @@ class VAEStage(L.LightningModule):
         colour_weight: NonNegativeFloat = 0.0,
         estimate_weight: NonNegativeFloat = 0.0,
         edge_weight: NonNegativeFloat = 0.0,
+        gate_weight: NonNegativeFloat = 0.0,
+        gate_tolerance: PositiveFloat = 0.1,
         kl_weight: NonNegativeFloat = 1e-4,
         disc_weight: NonNegativeFloat = 0.05,
         disc_start: NonNegativeInt = 2000,
@@ -284,12 +291,17 @@ class VAEStage(L.LightningModule):
     def reconstruction_nll(
         self, batch: dict[str, Any], out: VAEOutput, clip: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The pixel terms of the output, plus ``estimate_weight`` times those of the drawing before the copy head."""
+        """The pixel terms of the output, plus ``estimate_weight`` times those of the drawing before the copy head and
+        ``gate_weight`` times the copy gate's cross-entropy against where the copy is right."""
         nll, logs = self.pixel_losses(batch, out.recon, clip)
         if self.hparams.estimate_weight > 0 and out.estimate is not None:
             estimate_nll, estimate_logs = self.pixel_losses(batch, out.estimate, clip)
             nll = nll + self.hparams.estimate_weight * estimate_nll
             logs.update({f"estimate_{name}": value for name, value in estimate_logs.items()})
+        if self.hparams.gate_weight > 0 and out.copy_gate is not None:
+            gate = copy_gate_loss(out.copy_gate, out.copy, clip, self.hparams.gate_tolerance)
+            nll = nll + self.hparams.gate_weight * gate
+            logs["copy_gate_bce"] = gate.detach()
         return nll, logs
 
     # ------------------------------------------------------------------ training
