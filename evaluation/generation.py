@@ -225,7 +225,7 @@ class _Generator:
 
 @torch.no_grad()
 def reconstruct(
-    vae_path: str | torch.nn.Module,
+    vae: str | Path | torch.nn.Module,
     references: np.ndarray,
     frames: np.ndarray,
     batch_size: int = 4,
@@ -236,11 +236,11 @@ def reconstruct(
     the reference image as the only guidance image, decoded, the reference frame dropped. ``guidance``: False for
     none, or uint8 ``[N, K, H, W, 3]`` guidance images per clip instead of the reference image. references uint8
     [N, H, W, 3], frames uint8 [N, T, H, W, 3] -> N uint8 videos [T, H, W, 3]. No generator can sync or look better
-    than its VAE does here, so this row bounds the others. ``vae_path``: an export, or an already loaded VAE."""
+    than its VAE does here, so this row bounds the others. ``vae``: an export, or an already loaded VAE."""
     from dystream.stages.common import load_frozen
 
     device = torch.device(device)
-    vae = (load_frozen(vae_path, "vae") if isinstance(vae_path, (str, Path)) else vae_path).to(device)
+    vae = (load_frozen(vae, "vae") if isinstance(vae, (str, Path)) else vae).to(device)
     t = frames.shape[1]
     if t % vae.config.temporal_factor:
         raise ValueError(

@@ -126,6 +126,16 @@ def test_chunked_encode_equals_one_shot(chunks, preset):
     assert (streamed - full).abs().max().item() <= 1e-5
 
 
+def _decode_in_chunks(vae, z: torch.Tensor, refs, chunks: list[int]) -> list[torch.Tensor]:
+    """Decode ``z`` latent frame chunk by chunk through one streaming cache; the decoded chunks in order."""
+    cache = vae.new_decode_cache(refs)
+    parts, start = [], 0
+    for n in chunks:
+        parts.append(vae.decode_chunk(z[:, :, start : start + n], cache))
+        start += n
+    return parts
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-f4"])
 @pytest.mark.parametrize("chunks", [[1, 1, 1, 1], [2, 2], [1, 3]])
 def test_chunked_decode_equals_one_shot(chunks, preset):
@@ -134,13 +144,9 @@ def test_chunked_decode_equals_one_shot(chunks, preset):
     z = torch.randn(2, vae.config.latent_channels, sum(chunks), H // f, W // f)
     with torch.no_grad():
         full = vae.decode(z, refs)
-        cache = vae.new_decode_cache(refs)
-        parts, start = [], 0
-        for n in chunks:
-            out = vae.decode_chunk(z[:, :, start : start + n], cache)
-            assert out.shape[2] == (1 + 4 * (n - 1) if start == 0 else 4 * n)
-            parts.append(out)
-            start += n
+        parts = _decode_in_chunks(vae, z, refs, chunks)
+    for i, (n, out) in enumerate(zip(chunks, parts, strict=True)):
+        assert out.shape[2] == (1 + 4 * (n - 1) if i == 0 else 4 * n)
     streamed = torch.cat(parts, dim=2)
     assert streamed.shape == full.shape == (2, 3, 1 + 4 * (sum(chunks) - 1), H, W)
     assert (streamed - full).abs().max().item() <= 1e-5
@@ -158,11 +164,7 @@ def test_chunked_decode_with_a_motion_aware_copy_gate_equals_one_shot(chunks):
     z = torch.randn(2, vae.config.latent_channels, sum(chunks), H // f, W // f)
     with torch.no_grad():
         full = vae.decode(z, refs)
-        cache = vae.new_decode_cache(refs)
-        parts, start = [], 0
-        for n in chunks:
-            parts.append(vae.decode_chunk(z[:, :, start : start + n], cache))
-            start += n
+        parts = _decode_in_chunks(vae, z, refs, chunks)
         head.to_gate.weight[:, -head.to_gate.out_features :] = 0.0  # blind the gate to motion
         blind = vae.decode(z, refs)
     assert (torch.cat(parts, dim=2) - full).abs().max().item() <= 1e-5
