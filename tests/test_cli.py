@@ -69,3 +69,31 @@ def test_unknown_preset_fails_at_parse_time_naming_the_field():
     code, _, err = run_cli(["fit", "--config", str(recipe), "--model.init_args.dit_preset=huge", "--print_config"])
     assert code != 0
     assert "dit_preset" in err
+
+
+@pytest.mark.parametrize(
+    ("precision", "accelerator", "native", "warns"),
+    [
+        ("bf16-mixed", "cpu", False, True),
+        ("bf16-mixed", "cpu", True, False),
+        ("32-true", "cpu", False, False),
+        ("bf16-mixed", "cuda", False, False),
+    ],
+)
+def test_bf16_on_a_cpu_without_native_bf16_is_named_with_the_fix(monkeypatch, precision, accelerator, native, warns):
+    """bf16-mixed pays on a CPU only where oneDNN has native bf16; elsewhere the run is told to use 32-true."""
+    from types import SimpleNamespace
+
+    import torch
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    from dystream.cli import warn_if_bf16_is_emulated
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    device = CPUAccelerator() if accelerator == "cpu" else CUDAAccelerator()
+    trainer = SimpleNamespace(precision=precision, accelerator=device)
+    if warns:
+        with pytest.warns(UserWarning, match="--trainer.precision 32-true"):
+            assert "without native bf16" in warn_if_bf16_is_emulated(trainer)
+    else:
+        assert warn_if_bf16_is_emulated(trainer) is None
