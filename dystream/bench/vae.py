@@ -5,11 +5,17 @@ receives (:meth:`ReferenceGuidedVAE.decode_chunk` with one latent frame -> 4 vid
 cache and reference features reused); real-time needs it under 4 / 25 s = 160 ms. Weights are
 random (speed does not depend on them); one reference image guides the VAE, as in streaming.
 The paper-scale preset runs only on an accelerator (512 x 512).
+
+The training step of the embedded recipe (forward, the pixel losses and KL, backward, Adam; batch 2 x 24-frame
+windows at 64x64, K = 1 and K = 0 guidance images, as the recipe draws them) in float32 and under bf16 autocast
+(``trainer.precision: bf16-mixed``), with the ratio of their medians: what bf16 buys the VAE stage's 15-minute
+budget (docs/vae.md). On a CPU bf16 is timed only where oneDNN has it natively (AVX512-BF16 or AMX).
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -56,6 +62,47 @@ def _bench_preset(preset: str, size: int, latent_frames: int, repeats: int, devi
     return figures
 
 
+def _bench_training_step(repeats: int, device: str) -> dict[str, Any]:
+    from dystream.objectives.vae import kl_loss
+    from dystream.stages.vae import VAEStage
+
+    torch.manual_seed(0)
+    stage = VAEStage(preset="tiny", face_weight=0.0, mouth_weight=0.0, hands_weight=0.0, disc_weight=0.0,
+                     max_references=1, export_dir="unused").to(device)  # fmt: skip
+    opt = torch.optim.Adam(stage.vae.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "video": (torch.rand(2, 3, 24, 64, 64, generator=g) * 2 - 1).to(device),
+        "references": (torch.rand(2, 2, 3, 64, 64, generator=g) * 2 - 1).to(device),
+    }
+    precisions = ["fp32"]
+    if device.startswith("cuda") or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        precisions.append("bf16")
+
+    def step(precision: str, k: int) -> None:
+        autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        with autocast:
+            clip, guidance = stage.clip_and_references(batch, k)
+            out = stage.vae(clip, guidance, sample=True)
+            nll, _ = stage.reconstruction_nll(batch, out, clip)
+            loss = nll + stage.hparams.kl_weight * kl_loss(out.mean.float(), out.logvar.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    figures: dict[str, Any] = {}
+    medians: dict[str, float] = {}
+    for precision in precisions:
+        for k in (1, 0):
+            name = f"tiny 64px training step, K = {k}, {precision}"
+            figures[name] = summarize(time_call(partial(step, precision, k), repeats, 2, device), "s")
+            medians[f"{precision} {k}"] = figures[name]["median"]
+    if "bf16" in precisions:
+        mean = {p: (medians[f"{p} 1"] + medians[f"{p} 0"]) / 2 for p in precisions}
+        figures["tiny 64px training step: bf16 / fp32 (mean of K = 0 and 1)"] = mean["bf16"] / mean["fp32"]
+    return figures
+
+
 def run(
     quick: bool = True,
     device: str = "cpu",
@@ -74,6 +121,7 @@ def run(
     repeats = 3 if quick else 10
     latent_frames = 3 if quick else 13  # 9 or 49 video frames
     figures = _bench_preset("tiny", 64, latent_frames, repeats, device)
+    figures |= _bench_training_step(5 if quick else 12, device)
     if not device.startswith("cpu"):
         figures |= _bench_preset("ref-dc-f32t4c16", 512, latent_frames, repeats, device)
     return figures
