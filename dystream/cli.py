@@ -58,18 +58,24 @@ def available_tool_commands() -> dict[str, str]:
     return found
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX) rather than emulating it."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def warn_if_bf16_is_emulated(trainer) -> str | None:
     """On a CPU, ``bf16-mixed`` pays only where oneDNN has native bf16 (AVX512-BF16 or AMX): the VAE recipe's
     convolutions run ~25 % faster there (docs/vae.md). Elsewhere oneDNN emulates it, slower than float32. Returns
     (and warns) the advice, or None."""
     import warnings
 
-    import torch
     from lightning.pytorch.accelerators import CPUAccelerator
 
     precision = str(trainer.precision)
     on_cpu = isinstance(trainer.accelerator, CPUAccelerator)
-    if not (on_cpu and precision.startswith("bf16")) or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not (on_cpu and precision.startswith("bf16")) or cpu_has_native_bf16():
         return None
     advice = (
         f"trainer.precision is {precision} on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN emulates it, "
@@ -88,12 +94,11 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from dystream.logs import filter_known_warnings
+    from dystream.recipe_errors import RecipeArgumentParser, explain_instantiation
 
     class StageCLI(LightningCLI):
         def before_fit(self) -> None:
             warn_if_bf16_is_emulated(self.trainer)
-
-    from dystream.recipe_errors import RecipeArgumentParser, explain_instantiation
 
     filter_known_warnings()
     saved = sys.argv

@@ -40,7 +40,7 @@ def filter_known_warnings() -> None:
     )
     # Lightning's model summary has no entry for "bf16-mixed" in its size table and says so in every such run; the
     # parameters it prints are exact and only the "estimated size in MB" line assumes 32 bits, which mixed
-    # precision keeps for the weights anyway (the VAE recipe trains in bf16-mixed, docs/vae.md).
+    # precision keeps for the weights anyway (bf16-mixed VAE training: docs/vae.md, row ad).
     warnings.filterwarnings(
         "ignore",
         message=r"Precision bf16-mixed is not supported by the model summary",

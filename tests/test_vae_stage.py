@@ -347,9 +347,10 @@ def test_recipe_optimiser_fits_a_fixed_batch_without_grain_or_tint(tmp_path, pre
 
     import yaml
 
+    from dystream.cli import cpu_has_native_bf16
     from dystream.evaluation.reconstruction import reconstruction_quality
 
-    if precision.startswith("bf16") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision.startswith("bf16") and not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX); bf16-mixed is not what it would train in")
     recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "vae.yaml").read_text())["model"]["init_args"]
     keys = ("lr", "beta1", "beta2", "lr_schedule", "warmup_steps", "min_lr_ratio", "sample_posterior", "kl_weight")

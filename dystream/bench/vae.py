@@ -63,12 +63,12 @@ def _bench_preset(preset: str, size: int, latent_frames: int, repeats: int, devi
 
 
 def _bench_training_step(repeats: int, device: str) -> dict[str, Any]:
-    from dystream.objectives.vae import kl_loss
+    from dystream.cli import cpu_has_native_bf16
     from dystream.stages.vae import VAEStage
 
     torch.manual_seed(0)
     stage = VAEStage(preset="tiny", face_weight=0.0, mouth_weight=0.0, hands_weight=0.0, disc_weight=0.0,
-                     max_references=1, export_dir="unused").to(device)  # fmt: skip
+                     lpips_weight=0.0, max_references=1, export_dir="unused").to(device)  # fmt: skip
     opt = torch.optim.Adam(stage.vae.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(0)
     batch = {
@@ -76,16 +76,13 @@ def _bench_training_step(repeats: int, device: str) -> dict[str, Any]:
         "references": (torch.rand(2, 2, 3, 64, 64, generator=g) * 2 - 1).to(device),
     }
     precisions = ["fp32"]
-    if device.startswith("cuda") or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.startswith("cuda") or cpu_has_native_bf16():
         precisions.append("bf16")
 
     def step(precision: str, k: int) -> None:
         autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
         with autocast:
-            clip, guidance = stage.clip_and_references(batch, k)
-            out = stage.vae(clip, guidance, sample=True)
-            nll, _ = stage.reconstruction_nll(batch, out, clip)
-            loss = nll + stage.hparams.kl_weight * kl_loss(out.mean.float(), out.logvar.float())
+            loss = stage.vae_loss(batch, k)[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -305,19 +305,23 @@ class VAEStage(L.LightningModule):
         return nll, logs
 
     # ------------------------------------------------------------------ training
+    def vae_loss(self, batch: dict[str, Any], k: int) -> tuple[Tensor, Tensor, Tensor, VAEOutput, dict[str, Tensor]]:
+        """``(nll + kl_weight * KL, nll, the clip, the VAE's output, logs)`` of one batch with ``k`` guidance images:
+        the VAE's own objective, before any adversarial term (also what `dystream bench vae` times)."""
+        clip, guidance = self.clip_and_references(batch, k)
+        out = self.vae(clip, guidance, sample=self.hparams.sample_posterior)
+        nll, logs = self.reconstruction_nll(batch, out, clip)
+        kl = kl_loss(out.mean, out.logvar)
+        logs["kl"] = kl.detach()
+        return nll + self.hparams.kl_weight * kl, nll, clip, out, logs
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         hp = self.hparams
         optimizers = self.optimizers()
         opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
         k = self._draw_k(batch["references"].shape[1] - 1)
-        clip, guidance = self.clip_and_references(batch, k)
-        out = self.vae(clip, guidance, sample=hp.sample_posterior)
-
-        nll, logs = self.reconstruction_nll(batch, out, clip)
+        loss, nll, clip, out, logs = self.vae_loss(batch, k)
         logs["references"] = torch.tensor(float(k))
-        kl = kl_loss(out.mean, out.logvar)
-        loss = nll + hp.kl_weight * kl
-        logs["kl"] = kl.detach()
 
         gan_on = self.disc is not None and self.global_step >= hp.disc_start
         if gan_on:
