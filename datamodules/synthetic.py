@@ -52,6 +52,7 @@ from dystream.datamodules.format import (
 )
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
+GENERATOR = "dystream.datamodules.synthetic/1"  # written into every clip's meta
 
 # Vowel formants F1-F3 in Hz (adult male averages, Peterson & Barney 1952) and a jaw-openness
 # factor: open vowels are louder and open the mouth more.
@@ -334,15 +335,20 @@ def sample_motion(
     other_env: np.ndarray,
     n_frames: int,
     rng: np.random.Generator,
+    partner_reactions: bool = True,
 ) -> Motion:
+    """The clip's animation. partner_reactions=False leaves out everything the listener does in answer to the partner
+    (the attentive tilt, the nods at phrase ends, the motion with their speech) with the same random draws, so the
+    rest of the clip is unchanged: the listener of a muted partner (`remake_clip`)."""
     t = (np.arange(n_frames) + 0.5) / FPS
+    reacts = 1.0 if partner_reactions else 0.0
     speaking = gaussian_filter1d(phrase_mask(self_phrases, n_frames).astype(np.float64), 2.0)
     partner = gaussian_filter1d(phrase_mask(other_phrases, n_frames).astype(np.float64), 2.0)
-    listening = (1.0 - speaking) * partner
+    listening = (1.0 - speaking) * partner * reacts
     # The mouth follows the self track's own per-frame envelope (RMS over each frame's 640 samples).
     mouth = np.clip(frame_rms(self_env, n_frames) / person.loudness, 0.0, 1.0)
     emph = gaussian_filter1d(mouth, 2.5)
-    partner_emph = gaussian_filter1d(np.clip(frame_rms(other_env, n_frames) / 0.15, 0, 1), 3.0)
+    partner_emph = gaussian_filter1d(np.clip(frame_rms(other_env, n_frames) / 0.15, 0, 1), 3.0) * reacts
 
     g, s = person.gesture, person.sway
     head_dx = 0.008 * s * _slow_noise(t, rng, 0.08, 0.4) + 0.012 * g * speaking * _slow_noise(t, rng, 0.6, 2.0)
@@ -356,9 +362,9 @@ def sample_motion(
         frame = min(int(p.t1 * FPS), n_frames - 1)
         if p.kind == "speech" and self_mask_at[frame] == 0 and rng.uniform() < 0.8:
             start = p.t1 + rng.uniform(0.05, 0.2)
-            nods += _bump(t, start, 0.42)
+            nods += reacts * _bump(t, start, 0.42)
             if rng.uniform() < 0.3:  # a double nod
-                nods += 0.6 * _bump(t, start + 0.42, 0.38)
+                nods += reacts * 0.6 * _bump(t, start + 0.42, 0.38)
     nod_amp = 0.022 * person.nod
     head_dy = head_dy + nod_amp * nods + 0.006 * person.nod * listening * partner_emph
     look_down = 0.45 * nod_amp * nods
@@ -774,8 +780,13 @@ def make_clip(
     size: int = 64,
     seconds: float = 4.0,
     clips_per_identity: int = 4,
+    partner_reactions: bool = True,
 ) -> Clip:
-    """Clip number `index` of a split: deterministic for (seed, split, index, size, seconds)."""
+    """Clip number `index` of a split: deterministic for (seed, split, index, size, seconds).
+
+    partner_reactions=False: the same clip with the partner muted: their audio silent and the listener's reactions
+    to them left out (`sample_motion`), everything else drawn identically.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     if size < 16 or size % 2:
@@ -783,7 +794,12 @@ def make_clip(
     n_frames = int(round(seconds * FPS))
     if n_frames < 1:
         raise ValueError(f"seconds must give at least one frame at {FPS} fps, got {seconds}")
-    identity = index // clips_per_identity
+    return _make_clip(seed, split, index, index // clips_per_identity, size, n_frames, partner_reactions)
+
+
+def _make_clip(
+    seed: int, split: str, index: int, identity: int, size: int, n_frames: int, partner_reactions: bool
+) -> Clip:
     person = sample_identity(f"synth-{split}-{seed}-{identity:05d}", identity_rng(seed, split, identity))
     rng = np.random.default_rng([seed, SPLITS[split], 2, index])
     partner = sample_identity("partner", rng)
@@ -791,7 +807,9 @@ def make_clip(
     self_phrases, other_phrases = sample_conversation(n_frames / FPS, rng)
     audio_self, env_self = synthesize_speech(self_phrases, person, n_samples, rng)
     audio_other, env_other = synthesize_speech(other_phrases, partner, n_samples, rng)
-    motion = sample_motion(person, self_phrases, other_phrases, env_self, env_other, n_frames, rng)
+    motion = sample_motion(person, self_phrases, other_phrases, env_self, env_other, n_frames, rng, partner_reactions)
+    if not partner_reactions:
+        audio_other = np.zeros_like(audio_other)
     shift = (rng.uniform(-0.025, 0.025), rng.uniform(-0.02, 0.02))  # the camera framing varies per clip
     geo = make_geometry(person, motion, shift)
     brightness = float(rng.uniform(0.9, 1.08))
@@ -809,8 +827,10 @@ def make_clip(
         "brightness": round(float(brightness), 6),
         "self_f0_hz": round(person.f0, 2),
         "other_f0_hz": round(partner.f0, 2),
-        "generator": "dystream.datamodules.synthetic/1",
+        "generator": GENERATOR,
     }
+    if not partner_reactions:
+        meta["partner"] = "muted (no audio, no reactions)"
     return Clip(
         key=clip_key(split, seed, index),
         video=video,
@@ -820,6 +840,23 @@ def make_clip(
         meta=meta,
         kpts=kpts,
     )
+
+
+def remake_clip(meta: dict[str, Any], n_frames: int, size: int, partner_reactions: bool = True) -> Clip:
+    """A synthetic clip rebuilt from its shard metadata (`make_clip`'s meta: seed, split, clip index, identity name),
+    `n_frames` long at `size`; partner_reactions=False gives its muted-partner counterfactual. Raises ValueError
+    naming the field for a clip this generator did not make."""
+    if meta.get("source") != "synthetic" or meta.get("generator") != GENERATOR:
+        source, generator = meta.get("source"), meta.get("generator")
+        raise ValueError(f"not a clip of {GENERATOR} (source {source!r}, generator {generator!r})")
+    try:
+        seed, split, index = int(meta["seed"]), str(meta["split"]), int(meta["clip_index"])
+        identity = int(str(meta["identity"]).rsplit("-", 1)[1])
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"synthetic clip metadata lacks seed / split / clip_index / identity: {e!r}") from None
+    if split not in SPLITS:
+        raise ValueError(f"synthetic clip metadata: split must be one of {sorted(SPLITS)}, got {split!r}")
+    return _make_clip(seed, split, index, identity, size, n_frames, partner_reactions)
 
 
 def _write_synthetic_shard(job: dict[str, Any]) -> dict[str, Any]:

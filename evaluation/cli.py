@@ -11,6 +11,9 @@ evaluated window, with their audio and speaking mask), the metric networks and p
 - "Ground truth": the real clips (the real set every Fréchet distance compares with);
 - "Ground truth (exact keypoints)": keypoint metrics from the synthetic world's exact keypoints instead of the pose
   network (shows what the network adds or loses);
+- "Ground truth, partner muted (synthetic world)": the synthetic clips re-rendered with the partner muted and none of
+  the listener's reactions to them, every other draw the same: the listening motion that answers the partner, i.e.
+  the most a model's "partner muted" row can lose (Table 2's reference); and its exact-keypoints row;
 - "VAE reconstruction" (when `reconstruction_vae` names a VAE file): the real clips encoded and decoded as the DiT
   stages encode them: what any generator on that VAE can reach at best;
 - one row per model. A model whose export is missing is an n/a row naming the file and the recipe that makes it; it
@@ -141,6 +144,8 @@ class EvalClips:
     audio_other: np.ndarray
     masks: np.ndarray  # [N, T]
     kpts: list[np.ndarray | None]
+    metas: list[dict] = field(default_factory=list)  # each clip's shard metadata
+    clip_frames: list[int] = field(default_factory=list)  # each whole clip's length (frames)
 
     def videos(
         self, frames: list[np.ndarray] | np.ndarray | None = None, audio_shift: int = 0, other_voice: bool = False
@@ -207,6 +212,8 @@ def load_clips(cfg: ClipsConfig) -> EvalClips:
         audio_other=np.stack(out["other"]),
         masks=np.stack(out["masks"]),
         kpts=out["kpts"],
+        metas=[dict(c.meta) for c in clips],
+        clip_frames=[c.n_frames for c in clips],
     )
 
 
@@ -244,6 +251,42 @@ def _reconstruction_row(cfg: EvalConfig, suite: MetricSuite, clips: EvalClips, r
     return Row(name, "vae_reconstruction", values, resolution=res)
 
 
+MUTED_PARTNER_ROW = "Ground truth, partner muted (synthetic world)"
+MUTED_PARTNER_EXACT_ROW = "Ground truth, partner muted (synthetic world, exact keypoints)"
+
+
+def _muted_partner_clips(clips: EvalClips, log) -> EvalClips | None:
+    """Synthetic clips only: the clips with each evaluated window re-rendered with the partner muted (no partner
+    audio, none of the listener's reactions to it; every other draw the same, `remake_clip`), with its keypoint
+    labels. Table 2's ceiling: the listening motion a model that listens perfectly would lose when the partner is
+    muted. None (and a log line) where a clip is not reproducible from its metadata."""
+    from dystream.datamodules.synthetic import remake_clip
+
+    if not clips.metas or any(m.get("source") != "synthetic" for m in clips.metas):
+        return None
+    t = clips.frames.shape[1]
+    size = clips.frames.shape[2]
+    frames, labels, silent = [], [], []
+    for key, meta, n, kpts, mask in zip(clips.keys, clips.metas, clips.clip_frames, clips.kpts, clips.masks,
+                                        strict=True):  # fmt: skip
+        try:
+            same = remake_clip(meta, n, size)
+        except ValueError as e:
+            log(f"eval: no {MUTED_PARTNER_ROW!r} row: {key}: {e}")
+            return None
+        # the generator must reproduce the shard's clip before its counterfactual means anything
+        if not np.array_equal(same.mask[n - t :], mask) or (
+            kpts is not None and not np.allclose(same.kpts[n - t :], kpts, atol=1e-3)
+        ):
+            log(f"eval: no {MUTED_PARTNER_ROW!r} row: {key} is not reproduced by this generator (other version?)")
+            return None
+        muted = remake_clip(meta, n, size, partner_reactions=False)
+        frames.append(muted.video[n - t :])
+        labels.append(muted.kpts[n - t :])
+        silent.append(muted.audio_other[(n - t) * 640 :])
+    return dataclasses.replace(clips, frames=np.stack(frames), kpts=labels, audio_other=np.stack(silent))
+
+
 def _hand_keypoint_error(suite: MetricSuite, real: np.ndarray, recon: np.ndarray) -> float:
     """Mean pixel distance of the pose network's hand keypoints on reconstructions vs on the real frames (both
     confident), over all clips: whether gesturing hands survive the VAE."""
@@ -279,6 +322,15 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
         labels = {k: v for k, v in exact.items() if k.removesuffix("_other").removesuffix("_clips") in KEYPOINT_KEYS}
         rows.append(Row("Ground truth (exact keypoints)", "ground_truth_exact_keypoints", labels, resolution=res))
 
+    muted = _muted_partner_clips(clips, log)
+    if muted is not None:
+        rows.append(Row(MUTED_PARTNER_ROW, "ground_truth_partner_muted", _score(suite, muted, None, real).values,
+                        resolution=res))  # fmt: skip
+        exact = _score(suite, muted, None, exact=True).values
+        labels = {k: v for k, v in exact.items() if k.removesuffix("_other").removesuffix("_clips") in KEYPOINT_KEYS}
+        rows.append(Row(MUTED_PARTNER_EXACT_ROW, "ground_truth_partner_muted_exact_keypoints",
+                        labels, resolution=res))  # fmt: skip
+
     if cfg.reconstruction_vae is not None:
         rows.append(_reconstruction_row(cfg, suite, clips, real, res, log))
 
@@ -304,7 +356,7 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
             rows.append(Row(spec.name, spec.kind, values, steps=spec.steps, resolution=res, time_per_5s=reason))
             continue
         values = _score(suite, clips, np.stack(out.videos), real).values
-        if cfg.swapped_voice and not spec.drop_partner:  # (a partner-less row answers another question)
+        if cfg.swapped_voice and not (spec.drop_partner or spec.mute_partner):  # (a partner-less row: another question)
             log(f"eval: generating {n} clips with {spec.name}, driven by another clip's voice")
             swapped = generate(spec, clips.references, np.roll(clips.audio_self, -1, axis=0), clips.audio_other,
                                clips.masks, seed=cfg.seed, batch_size=cfg.batch_size, device=device)  # fmt: skip

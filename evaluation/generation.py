@@ -55,7 +55,10 @@ class ModelSpec:
             reference image with its own audio encoded alone, as the teacher trains and as the ODE pairs are drawn
             (`window_frames` of those recipes); None: the whole clip at once.
         drop_partner: generate with the partner's audio dropped (the listen condition zeroed, as the training's
-            condition dropout does): the reference for how much of the listening motion the partner's voice drives.
+            condition dropout does): the model's marginal over partners; a model that listens well still draws
+            reactions there, at random moments.
+        mute_partner: generate with the partner's waveform silent (encoded like any audio): the paper's Table 2
+            protocol for its talking-only baseline; a model that listens draws no reactions to a silent partner.
     """
 
     name: str
@@ -71,6 +74,7 @@ class ModelSpec:
     shift: float | None = None
     cache_write: Literal["noisy", "clean"] = "noisy"
     drop_partner: bool = False
+    mute_partner: bool = False
     window_frames: int | None = None
 
     def __post_init__(self) -> None:
@@ -86,6 +90,10 @@ class ModelSpec:
             raise ValueError(
                 f"model {self.name!r}: window_frames is for teachers and must be a positive multiple of 4 frames "
                 f"(one latent frame), got {self.window_frames} for a {self.kind}"
+            )
+        if self.drop_partner and self.mute_partner:
+            raise ValueError(
+                f"model {self.name!r}: drop_partner and mute_partner are two ways to remove the partner; set one"
             )
         if (self.talk_scale is not None or self.listen_scale is not None) and self.guidance_scale != 1.0:
             raise ValueError(
@@ -163,6 +171,8 @@ class _Generator:
     @torch.no_grad()
     def __call__(self, batch: dict[str, Tensor], frames: int, generator: torch.Generator) -> Tensor:
         """Videos [B, 3, frames, H, W] in [-1, 1]."""
+        if self.spec.mute_partner:
+            batch = {**batch, "audio_other": torch.zeros_like(batch["audio_other"])}
         w = self.spec.window_frames
         if w is not None and frames > w:
             if frames % w:

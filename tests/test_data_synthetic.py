@@ -146,3 +146,34 @@ def test_listeners_nod_after_the_partners_phrases():
         elsewhere += list(speed[~window & listening])
     assert len(after) > 50 and len(elsewhere) > 50
     assert np.mean(after) > 3 * np.mean(elsewhere)
+
+
+def test_muted_partner_clip_changes_only_the_listeners_reactions(clips):
+    """partner_reactions=False: the same draws, so the own voice, mask and speaking frames stay; the partner is
+    silent and the listener's face no longer nods and tilts in answer (face keypoints, centroid removed)."""
+    moved = []
+    for c in clips:
+        muted = syn.make_clip(seed=3, split="train", index=c.meta["clip_index"], size=96, seconds=2.0,
+                              partner_reactions=False)  # fmt: skip
+        np.testing.assert_array_equal(muted.audio_self, c.audio_self)
+        np.testing.assert_array_equal(muted.mask, c.mask)
+        assert not muted.audio_other.any() and c.audio_other.any()
+        assert muted.meta["partner"].startswith("muted")
+        listening = c.mask == 0
+        for clip in (c, muted):
+            xy = clip.kpts[listening][:, kp.FACE, :2]
+            moved.append((xy - xy.mean(axis=1, keepdims=True)).var(axis=0).mean())
+    with_partner, without = np.array(moved[0::2]), np.array(moved[1::2])
+    assert with_partner.mean() > 1.5 * without.mean()
+
+
+def test_remake_clip_rebuilds_a_shard_clip_from_its_metadata(clips):
+    c = clips[2]
+    again = syn.remake_clip(c.meta, c.n_frames, 96)
+    assert syn.fingerprint(again) == syn.fingerprint(c)
+    muted = syn.remake_clip(c.meta, c.n_frames, 96, partner_reactions=False)
+    np.testing.assert_array_equal(muted.mask, c.mask)
+    with pytest.raises(ValueError, match="not a clip of dystream.datamodules.synthetic"):
+        syn.remake_clip({**c.meta, "source": "speakervid"}, c.n_frames, 96)
+    with pytest.raises(ValueError, match="lacks seed / split / clip_index / identity"):
+        syn.remake_clip({k: v for k, v in c.meta.items() if k != "clip_index"}, c.n_frames, 96)

@@ -82,6 +82,24 @@ def test_partner_dropped_row_equals_sampling_with_a_silent_partner_while_listeni
     )
 
 
+def test_partner_muted_row_is_sampling_with_the_partners_waveform_silent(files):
+    """mute_partner: the partner's waveform at 0, encoded like any audio (not the dropped, zero condition)."""
+    base = ModelSpec("teacher", "teacher", files["teacher"], vae=files["vae"], audio=files["audio"], steps=2)
+    muted = ModelSpec(**{**base.__dict__, "name": "muted", "mute_partner": True})
+    dropped = ModelSpec(**{**base.__dict__, "name": "dropped", "drop_partner": True})
+    refs, a_self, a_other, masks = _clips()
+
+    def videos(spec, other):
+        return np.stack(generate(spec, refs, a_self, other, masks, seed=3, batch_size=2).videos)
+
+    silent = videos(base, np.zeros_like(a_other))
+    np.testing.assert_array_equal(videos(muted, a_other), silent)
+    assert not np.array_equal(silent, videos(base, a_other))
+    assert not np.array_equal(silent, videos(dropped, a_other))
+    with pytest.raises(ValueError, match="drop_partner and mute_partner"):
+        ModelSpec(**{**muted.__dict__, "drop_partner": True})
+
+
 def test_separate_talk_guidance_equals_joint_guidance_while_the_partner_is_silent(files):
     """Joint CFG drops both audio conditions in its unconditional call, separate talk CFG only the own voice; with
     the speaking mask at 1 everywhere the listen condition is 0, so the two are the same sampler. With a mixed mask

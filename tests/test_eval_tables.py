@@ -166,8 +166,11 @@ def test_eval_cli_end_to_end_with_a_missing_network_and_a_missing_model(tmp_path
     assert "dystream fit --config recipes/metric_syncnet.yaml" in out
     doc = json.loads((tmp_path / "results" / "results.json").read_text())
     names = [r["name"] for r in doc["rows"]]
-    assert names == ["Ground truth", "Ground truth (exact keypoints)", "Student SiD"]
-    gt, exact, sid = doc["rows"]
+    assert names == ["Ground truth", "Ground truth (exact keypoints)", eval_cli.MUTED_PARTNER_ROW,
+                     "Ground truth, partner muted (synthetic world, exact keypoints)", "Student SiD"]  # fmt: skip
+    gt, exact, muted, muted_exact, sid = doc["rows"]
+    assert isinstance(muted["values"]["hkv"], float) and muted["values"]["fd_pose"] > 0  # re-rendered: not the real set
+    assert isinstance(muted_exact["values"]["hkv"], float) and "sync_c" not in muted_exact["values"]
     assert "metric_syncnet" in gt["values"]["sync_c"]["na"] and isinstance(gt["values"]["hkv"], float)
     assert "metric_syncnet" in gt["values"]["sync_c_other"]["na"] and "mouth_voice_r_other" in gt["values"]
     assert isinstance(exact["values"]["hkv"], float) and "sync_c" not in exact["values"]
@@ -308,3 +311,27 @@ def test_other_voice_scores_equal_scoring_against_that_voice():
         assert both.values[f"{key}_other"] == pytest.approx(direct.values[key], rel=1e-9, abs=1e-12), key
     assert both.values["sync_c"] != both.values["sync_c_other"]
     assert "sync_c_other" not in suite.evaluate(videos).values  # only when another voice is given
+
+
+def test_muted_partner_reference_is_the_shard_clips_rerendered_without_the_partner(tmp_path):
+    """The muted-partner row re-renders each synthetic clip from its metadata with the partner muted; a clip the
+    generator does not reproduce (here: keypoints that are not this generator's) gives no row."""
+    from dystream.datamodules.synthetic import remake_clip
+
+    synthesize(tmp_path / "data", clips=1, val_clips=3, size=32, seconds=2.0, workers=1)
+    clips = eval_cli.load_clips(eval_cli.ClipsConfig(shards=str(tmp_path / "data" / "val"), count=3, frames=40))
+    muted = eval_cli._muted_partner_clips(clips, log=print)
+    assert muted.frames.shape == clips.frames.shape and muted.frames.dtype == np.uint8
+    for i, meta in enumerate(clips.metas):
+        again = remake_clip(meta, 50, 32, partner_reactions=False)
+        np.testing.assert_array_equal(muted.frames[i], again.video[10:])
+        np.testing.assert_array_equal(muted.kpts[i], again.kpts[10:])
+    assert not np.array_equal(muted.frames, np.stack([remake_clip(m, 50, 32).video[10:] for m in clips.metas]))
+    assert not muted.audio_other.any() and clips.audio_other.any()
+    np.testing.assert_array_equal(muted.audio_self, clips.audio_self)
+    np.testing.assert_array_equal(muted.masks, clips.masks)
+
+    lines = []
+    clips.kpts[1] = clips.kpts[1] + 2.0  # not what this generator draws for that clip
+    assert eval_cli._muted_partner_clips(clips, log=lines.append) is None
+    assert "is not reproduced by this generator" in lines[0] and clips.keys[1] in lines[0]
