@@ -168,7 +168,7 @@ def test_teacher_mouth_weight_needs_keypoints_and_weights_the_lip_cells(tmp_path
     kpts[:, :, MOUTH, 2] = 1.0
     batch["kpts"] = kpts
     x0 = stage.cond.batch_latents(batch)
-    weight = stage.mouth_loss_weight(batch, x0)
+    weight = stage.region_weights(batch, x0)
     assert weight.shape == (2, 1, x0.shape[2] - 1, 8, 8)
     assert set(weight.unique().tolist()) == {1.0, 5.0} and torch.all(weight[:, :, :, 5, 3:5] == 5.0)
     loss, _ = stage._loss(batch, generator=torch.Generator().manual_seed(0))
@@ -179,6 +179,44 @@ def test_teacher_mouth_weight_needs_keypoints_and_weights_the_lip_cells(tmp_path
     assert read_metadata(tmp_path / "t" / "teacher.safetensors")[2]["mask_mode"] == "waveform"
     assert teacher_mask_mode(tmp_path / "t" / "teacher.safetensors") == "waveform"  # ODE pairs, students follow it
     assert teacher_mask_mode(tmp_path / "missing.safetensors") == "features"
+
+
+def test_teacher_listen_face_weight_weights_the_face_only_while_listening(tmp_path):
+    from dystream.datamodules.keypoints import FACE, MOUTH, NUM_KEYPOINTS
+    from dystream.stages.teacher import TeacherStage
+
+    vae = save_model(ReferenceGuidedVAE(VAEConfig.from_preset("tiny")), tmp_path / "vae.safetensors", arch="vae")
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(2, 3, 8, 64, 64, generator=g) * 2 - 1
+    kpts = torch.zeros(2, 8, NUM_KEYPOINTS, 3)
+    n_face = FACE.stop - FACE.start
+    kpts[:, :, FACE, 0] = torch.linspace(17.0, 30.0, n_face)  # the face in latent columns 2 and 3
+    kpts[:, :, FACE, 1] = torch.linspace(9.0, 22.0, n_face)  # latent rows 1 and 2
+    kpts[:, :, FACE, 2] = 1.0
+    n_mouth = MOUTH.stop - MOUTH.start
+    kpts[:, :, MOUTH, 0] = torch.linspace(18.0, 22.0, n_mouth)  # lips inside the face's cell (2, 2)
+    kpts[:, :, MOUTH, 1] = torch.linspace(18.0, 21.0, n_mouth)
+    batch = {
+        "video": video,
+        "references": video[:, :, :1].transpose(1, 2).clone(),
+        "audio_self": torch.randn(2, 8 * 640, generator=g) * 0.1,
+        "audio_other": torch.randn(2, 8 * 640, generator=g) * 0.1,
+        "mask": torch.tensor([[1.0] * 4 + [0.0] * 4, [1.0] * 8]),  # clip 0 listens in its second latent frame
+        "kpts": kpts,
+    }
+    stage = TeacherStage(vae=str(vae), listen_face_weight=3.0, export_dir=str(tmp_path / "t"))
+    x0 = stage.cond.batch_latents(batch)
+    weight = stage.region_weights(batch, x0)  # [B, 1, 2, 8, 8]
+    face_cells = torch.zeros(8, 8, dtype=torch.bool)
+    face_cells[1:3, 2:4] = True
+    assert torch.all(weight[0, 0, 1][face_cells] == 4.0) and torch.all(weight[0, 0, 1][~face_cells] == 1.0)
+    assert torch.all(weight[0, 0, 0] == 1.0) and torch.all(weight[1] == 1.0)  # speaking frames: plain loss
+    both = TeacherStage(vae=str(vae), mouth_weight=4.0, listen_face_weight=3.0, export_dir=str(tmp_path / "t"))
+    assert both.region_weights(batch, x0)[0, 0, 1, 2, 2] == 8.0  # 1 + mouth 4 + listening face 3
+    assert TeacherStage(vae=str(vae), export_dir=str(tmp_path / "t")).region_weights(batch, x0) is None
+    del batch["kpts"]
+    with pytest.raises(KeyError, match="listen_face_weight"):
+        stage._loss(batch)
 
 
 def test_audio_probe_scores_linear_targets_high_and_noise_near_zero():

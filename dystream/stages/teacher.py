@@ -22,7 +22,7 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativ
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from dystream.datamodules.keypoints import MOUTH
+from dystream.datamodules.keypoints import FACE, MOUTH
 from dystream.diffusion.sampling import AudioGuidance, sample_euler
 from dystream.diffusion.schedule import sample_training_sigma, sampling_sigmas
 from dystream.logs import announce_export
@@ -76,6 +76,10 @@ class TeacherStage(L.LightningModule):
             keypoints, lip box enlarged by ``mouth_pad``): the mouth is one f8 latent cell of 64 and its opening is
             what lip sync reads. 0 = the plain loss. Needs keypoints in the batch (clip shards).
         mouth_pad: enlargement of the lip box on each side, as a fraction of its size.
+        listen_face_weight: extra weight of the flow-matching error on the face's latent cells in the latent frames
+            where the avatar listens (the speaking mask is 0 in any of its video frames): a listener's nods move the
+            face by 1-2 pixels at 64x64, a small part of an error summed over the whole frame (StreamAvatar Table 2,
+            LFKV). Adds to ``mouth_weight``'s weights. 0 = off. Needs keypoints in the batch.
         export_dir: where the hand-over files and predicted sample videos are written.
     """
 
@@ -105,6 +109,7 @@ class TeacherStage(L.LightningModule):
         mask_mode: MaskMode = "features",
         mouth_weight: NonNegativeFloat = 0.0,
         mouth_pad: NonNegativeFloat = 0.5,
+        listen_face_weight: NonNegativeFloat = 0.0,
         export_dir: str = "runs/teacher",
     ) -> None:
         super().__init__()
@@ -155,24 +160,31 @@ class TeacherStage(L.LightningModule):
         eps = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
         masks = draw_dropout_masks(b, self.flow, generator=generator, device="cpu")
         masks = type(masks)(*(m.to(x0.device) for m in (masks.talk, masks.listen, masks.reference)))
-        weight = self.mouth_loss_weight(batch, x0) if self.hparams.mouth_weight > 0 else None
+        weight = self.region_weights(batch, x0)
         return flow_matching_loss(self.denoiser(), x0, cond, sigma, eps, masks, self.flow, weight=weight)
 
-    def mouth_loss_weight(self, batch: dict[str, Any], x0: Tensor) -> Tensor:
-        """``[B, 1, F - 1, h, w]``: 1 + mouth_weight on the generated frames' latent cells under the lips."""
+    def region_weights(self, batch: dict[str, Any], x0: Tensor) -> Tensor | None:
+        """``[B, 1, F - 1, h, w]`` loss weights of the generated frames' latent cells, or None when every weight is 1:
+        ``1 + mouth_weight`` under the lips, plus ``listen_face_weight`` on the face while the avatar listens."""
+        hp = self.hparams
+        if hp.mouth_weight == 0 and hp.listen_face_weight == 0:
+            return None
         kpts = batch.get("kpts")
         if kpts is None:
             raise KeyError(
-                "TeacherStage: mouth_weight > 0 needs the window's keypoints in the batch ('kpts': clip shards with "
-                "KEY.kpts.npy, or latent shards written from them by `dystream data encode`); set mouth_weight: 0 "
-                "otherwise"
+                "TeacherStage: mouth_weight or listen_face_weight > 0 needs the window's keypoints in the batch "
+                "('kpts': clip shards with KEY.kpts.npy, or latent shards written from them by `dystream data "
+                "encode`); set both to 0 otherwise"
             )
-        latent_shape = tuple(x0.shape[2:])
-        latent_shape = (latent_shape[0] - self.flow.num_reference_frames, *latent_shape[1:])
-        return region_loss_weight(
-            kpts.to(x0.device), MOUTH, tuple(batch["references"].shape[-2:]), latent_shape, self.hparams.mouth_weight,
-            pad=self.hparams.mouth_pad,
-        )  # fmt: skip
+        kpts, size = kpts.to(x0.device), tuple(batch["references"].shape[-2:])
+        latent_shape = (x0.shape[2] - self.flow.num_reference_frames, *x0.shape[3:])
+        weight = region_loss_weight(kpts, MOUTH, size, latent_shape, hp.mouth_weight, pad=hp.mouth_pad)
+        if hp.listen_face_weight > 0:
+            face = region_loss_weight(kpts, FACE, size, latent_shape, 1.0, pad=0.1) - 1.0  # [B, 1, F, h, w] in {0, 1}
+            mask = batch["mask"].to(x0.device)  # [B, T] speaking mask of the window's video frames
+            listening = (mask.unflatten(1, (latent_shape[0], -1)) < 0.5).any(-1)  # [B, F]
+            weight = weight + hp.listen_face_weight * face * listening[:, None, :, None, None]
+        return weight
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
