@@ -8,14 +8,18 @@ colours of the reference image instead: for each frame, the centroid of the pixe
 + a margin (so resting hands do not count). A pixel's weight falls linearly with its colour's distance from the
 followed one and reaches 0 at the background's (the reference's top rows, the sky): a pixel that mixes the two
 colours weighs its coverage, so a sub-pixel shift of the region moves the centroid by the same amount, and a soft
-edge weighs what a sharp one does. The variance of each centroid over the listening frames (speaking mask 0) is in
-px^2 of the frame; the same estimator reads every row (real clips, reconstructions, generated clips).
+edge weighs what a sharp one does. As for Table 2 (``keypoints.listening_variances``), each centroid's variance is
+taken per listening segment of at least 25 frames and averaged weighted by length, in px^2 of the frame; the same
+estimator reads every row (real clips, reconstructions, generated clips). Unlike LFKV, which subtracts the face's
+centroid and so reads the features' motion inside the face, the face sway here is the head's own translation.
 docs/evaluation.md, "Where the listening motion is lost".
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from dystream.evaluation.keypoints import listening_segments
 
 
 def colour_centroids(video: np.ndarray, colour: np.ndarray, tolerance: float) -> np.ndarray:
@@ -41,16 +45,18 @@ def listening_sway(
     min_frames: int = 25,
     face_margin: float = 0.3,
 ) -> dict[str, float]:
-    """``{"body", "face"}``: variances (px^2, x and y summed) of the shirt's and the face's colour centroids over the
-    frames of ``video [T, H, W, 3]`` where ``mask [T]`` (speaking) is 0; NaN with fewer than ``min_frames`` such
-    frames. ``reference [H, W, 3]`` gives the colours: the shirt at the bottom centre, the skin at ``nose_xy``
-    (pixels); the face's centroid is taken above ``nose_y + face_margin * H``."""
+    """``{"body", "face"}``: variances (px^2, x and y summed) of the shirt's and the face's colour centroids within
+    each listening segment (``mask [T]`` speaking = 0 for at least ``min_frames`` frames) of ``video [T, H, W, 3]``,
+    averaged weighted by segment length; NaN without such a segment. ``reference [H, W, 3]`` gives the colours: the
+    shirt at the bottom centre, the skin at ``nose_xy`` (pixels); the face's centroid is taken above
+    ``nose_y + face_margin * H``."""
     if len(mask) != len(video):
         raise ValueError(f"listening_sway: {len(mask)} mask values for {len(video)} frames")
     h, w = reference.shape[:2]
-    listening = np.asarray(mask) < 0.5
-    if listening.sum() < min_frames:
+    segments = listening_segments(mask, min_frames)
+    if not segments:
         return {"body": float("nan"), "face": float("nan")}
+    lengths = [e - s for s, e in segments]
     ref = reference.astype(np.float32)
     shirt = np.median(ref[h - 6 : h - 1, int(0.4 * w) : int(0.6 * w)].reshape(-1, 3), 0)
     nx, ny = (int(np.clip(round(float(c)), 1, n - 2)) for c, n in zip(nose_xy, (w, h), strict=True))
@@ -60,6 +66,7 @@ def listening_sway(
     out = {}
     for name, frames, colour in (("body", video, shirt), ("face", video[:, :top], skin)):
         tolerance = max(float(np.linalg.norm(colour - background)), 1.0)
-        c = colour_centroids(frames, colour, tolerance)[listening]
-        out[name] = float(np.nanvar(c, axis=0).sum())
+        c = colour_centroids(frames, colour, tolerance)
+        per_segment = [np.nanvar(c[s:e], axis=0).sum() for s, e in segments]
+        out[name] = float(np.average(per_segment, weights=lengths))
     return out

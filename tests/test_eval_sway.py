@@ -52,5 +52,12 @@ def test_listening_sway_reads_the_listening_frames_only():
     assert still["body"] < 1e-6 and still["face"] < 1e-6
     short = listening_sway(video, reference, (32.0, 21.0), np.r_[np.ones(70), np.zeros(10)])
     assert np.isnan(short["body"]) and np.isnan(short["face"])
+    # per listening segment, as Table 2: where the body rests in each segment is not sway; a 10-frame one is skipped
+    two = np.r_[np.zeros(30), np.ones(10), np.zeros(30), np.ones(5), np.zeros(10)]
+    n = len(two)
+    rest = np.r_[np.zeros(40), np.full(n - 40, 2.0)] + rng.normal(0, 0.3, n)
+    two_sway = listening_sway(_render(rest, np.zeros(n)), reference, (32.0, 21.0), two)
+    inside = [rest[0:30].var(), rest[40:70].var()]
+    assert two_sway["body"] == pytest.approx(np.mean(inside), rel=0.1)
     with pytest.raises(ValueError, match="mask values"):
         listening_sway(video, reference, (32.0, 21.0), mask[:10])

@@ -180,10 +180,10 @@ class TeacherStage(L.LightningModule):
         latent_shape = (x0.shape[2] - self.flow.num_reference_frames, *x0.shape[3:])
         weight = region_loss_weight(kpts, MOUTH, size, latent_shape, hp.mouth_weight, pad=hp.mouth_pad)
         if hp.listen_face_weight > 0:
-            face = region_loss_weight(kpts, FACE, size, latent_shape, 1.0, pad=0.1) - 1.0  # [B, 1, F, h, w] in {0, 1}
+            face = region_loss_weight(kpts, FACE, size, latent_shape, hp.listen_face_weight, pad=0.1) - 1.0
             mask = batch["mask"].to(x0.device)  # [B, T] speaking mask of the window's video frames
             listening = (mask.unflatten(1, (latent_shape[0], -1)) < 0.5).any(-1)  # [B, F]
-            weight = weight + hp.listen_face_weight * face * listening[:, None, :, None, None]
+            weight = weight + face * listening[:, None, :, None, None]
         return weight
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
