@@ -59,26 +59,30 @@ def contact_sheet(real: np.ndarray, recon: np.ndarray, path: str | Path, clips: 
     return path
 
 
-def copy_gate_by_region(gate: np.ndarray, frames: np.ndarray, kpts: list[np.ndarray | None]) -> dict[str, float]:
-    """Mean opening of the reference copy head's gate (``gate [N, T, H, W]`` in [0, 1], 1 = the reference's pixels)
-    in the lips' box, in the hands' boxes (the clips' keypoint labels), where the real video moves (a pixel changing
-    by more than 0.05 of the range from the previous frame) and where it is still. A gate that copies the reference
-    as much where the person moves as where nothing moves cannot bring back what the reference does not show."""
+def mean_by_region(values: np.ndarray, frames: np.ndarray, kpts: list[np.ndarray | None]) -> dict[str, float]:
+    """Mean of a per-pixel figure ``values [N, T, H, W]`` (the copy head's gate, 1 = the reference's pixels; the
+    length of its warp in pixels) in the lips' box, in the hands' boxes (the clips' keypoint labels), where the real
+    video moves (a pixel changing by more than 0.05 of the range from the previous frame) and where it is still. A
+    gate that copies the reference as much where the person moves as where nothing moves cannot bring back what the
+    reference does not show."""
     import torch
 
     from dystream.datamodules.keypoints import HANDS, MOUTH
     from dystream.objectives.vae import keypoint_box_mask
 
-    n, t, h, w = gate.shape
+    n, t, h, w = values.shape
     if frames.shape[:4] != (n, t, h, w):
-        raise ValueError(f"copy_gate_by_region: gate {gate.shape} and frames {frames.shape} do not match")
+        raise ValueError(f"mean_by_region: values {values.shape} and frames {frames.shape} do not match")
     luma = frames.astype(np.float32).mean(-1) / 255.0
     moving = np.zeros((n, t, h, w), bool)
     moving[:, 1:] = np.abs(np.diff(luma, axis=1)) > 0.05
     still = np.ones_like(moving)
     still[:, 0] = False  # frame 0 has no previous frame to compare with
     still &= ~moving
-    out = {"moving": float(gate[moving].mean()) if moving.any() else float("nan"), "still": float(gate[still].mean())}
+    out = {
+        "moving": float(values[moving].mean()) if moving.any() else float("nan"),
+        "still": float(values[still].mean()),
+    }
     labelled = [i for i, k in enumerate(kpts) if k is not None]
     if labelled:
         kp = torch.from_numpy(np.stack([kpts[i] for i in labelled])).float()
@@ -90,7 +94,7 @@ def copy_gate_by_region(gate: np.ndarray, frames: np.ndarray, kpts: list[np.ndar
                 + keypoint_box_mask(kp, slice(HANDS.start + half, HANDS.stop), h, w)
             ).clamp(max=1),
         }
-        g = gate[labelled]
+        g = values[labelled]
         for name, box in boxes.items():
             m = box.numpy() > 0
             out[name] = float(g[m].mean()) if m.any() else float("nan")
@@ -137,7 +141,12 @@ def run(args: argparse.Namespace) -> int:
     vae = load_frozen(args.vae, "vae")
     head = vae.decoder.copy_head
     logits: list[torch.Tensor] = []  # the copy gate's logits [B, T, h, w, 3 p^2] of each decoded batch
-    hook = head.to_gate.register_forward_hook(lambda m, i, o: logits.append(o.detach())) if head else None
+    flows: list[torch.Tensor] = []  # the copy warp's flow [B, T, h, w, 2] (pixels) of each decoded batch
+    hooks = []
+    if head is not None:
+        hooks.append(head.to_gate.register_forward_hook(lambda m, i, o: logits.append(o.detach())))
+        if head.to_flow is not None:
+            hooks.append(head.to_flow.register_forward_hook(lambda m, i, o: flows.append(o.detach())))
     torch.manual_seed(0)
     start = time.perf_counter()
     recon = np.stack(
@@ -145,13 +154,16 @@ def run(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - start
     figures = reconstruction_quality(recon, clips.frames)
-    if hook is not None:
+    for hook in hooks:
         hook.remove()
-        if logits:  # [N, T, H, W]: the gate per pixel, averaged over colours; the reference frame dropped
-            p = vae.config.patch_size
-            gate = torch.cat(logits).sigmoid()[:, 1:].unflatten(-1, (-1, p, p)).mean(-3)
-            gate = gate.permute(0, 1, 2, 4, 3, 5).flatten(2, 3).flatten(3, 4).cpu().numpy()
-            figures["copy_gate"] = copy_gate_by_region(gate, clips.frames, clips.kpts)
+    p = vae.config.patch_size
+    if logits:  # [N, T, H, W]: the gate per pixel, averaged over colours; the reference frame dropped
+        gate = torch.cat(logits).float().sigmoid()[:, 1:].unflatten(-1, (-1, p, p)).mean(-3)
+        gate = gate.permute(0, 1, 2, 4, 3, 5).flatten(2, 3).flatten(3, 4).cpu().numpy()
+        figures["copy_gate"] = mean_by_region(gate, clips.frames, clips.kpts)
+    if flows:  # [N, T, H, W]: the warp's length per cell, repeated over its p x p pixels
+        length = torch.cat(flows).float()[:, 1:].norm(dim=-1).repeat_interleave(p, -1).repeat_interleave(p, -2)
+        figures["copy_flow_px"] = mean_by_region(length.cpu().numpy(), clips.frames, clips.kpts)
     figures.update(clips=len(clips.keys), frames=int(clips.frames.shape[1]), references=args.references)
     figures["seconds_per_frame"] = seconds / (clips.frames.shape[0] * clips.frames.shape[1])
     print(
@@ -163,6 +175,10 @@ def run(args: argparse.Namespace) -> int:
         print(
             "copy gate (mean, 1 = the reference's pixels): "
             + "  ".join(f"{k} {v:.3f}" for k, v in figures["copy_gate"].items())
+        )
+    if "copy_flow_px" in figures:
+        print(
+            "copy warp (mean length, pixels): " + "  ".join(f"{k} {v:.3f}" for k, v in figures["copy_flow_px"].items())
         )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

@@ -45,11 +45,11 @@ def test_student_chunk_matches_flop_counter_small():
     assert _close(model, counter.get_total_flops()), (model, counter.get_total_flops())
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-f4"])
+@pytest.mark.parametrize(("preset", "overrides"), [("tiny", {}), ("tiny-f4", {}), ("tiny", {"copy_warp": True})])
 @torch.inference_mode()
-def test_vae_decode_matches_flop_counter(preset):
+def test_vae_decode_matches_flop_counter(preset, overrides):
     torch.manual_seed(0)
-    vae = ReferenceGuidedVAE(VAEConfig.from_preset(preset)).eval()
+    vae = ReferenceGuidedVAE(VAEConfig.from_preset(preset, **overrides)).eval()
     size, r_s = 64, vae.config.spatial_factor
     cache = vae.new_decode_cache(torch.rand(1, 1, 3, size, size) * 2 - 1)
     z = torch.randn(1, vae.config.latent_channels, 2, size // r_s, size // r_s)

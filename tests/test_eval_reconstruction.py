@@ -87,7 +87,10 @@ def test_vae_report_end_to_end(tmp_path):
     from dystream.zoo.files import save_model
 
     torch.manual_seed(0)
-    path = save_model(ReferenceGuidedVAE(VAEConfig.from_preset("tiny")), tmp_path / "vae.safetensors", arch="vae")
+    vae = ReferenceGuidedVAE(VAEConfig.from_preset("tiny", copy_warp=True))
+    with torch.no_grad():
+        vae.decoder.copy_head.to_flow.bias.copy_(torch.tensor([0.3, -0.4]))  # a warp 0.5 px long everywhere
+    path = save_model(vae, tmp_path / "vae.safetensors", arch="vae")
     parser = argparse.ArgumentParser()
     vae_report.add_arguments(parser)
     out = tmp_path / "q.json"
@@ -100,16 +103,17 @@ def test_vae_report_end_to_end(tmp_path):
     # a fresh copy head's gate is sigmoid(-2) everywhere: the hook saw every decoded pixel of every region
     for region in ("moving", "still", "lips", "hands"):
         assert figures["copy_gate"][region] == pytest.approx(1 / (1 + np.exp(2.0)), abs=1e-5), region
+        assert figures["copy_flow_px"][region] == pytest.approx(0.5, abs=1e-5), region
     assert (tmp_path / "s.png").stat().st_size > 0
     args.vae = str(tmp_path / "missing.safetensors")
     assert vae_report.run(args) == 2
 
 
-def test_copy_gate_by_region_averages_the_gate_inside_each_region():
+def test_mean_by_region_averages_the_gate_inside_each_region():
     """A gate open exactly where the real video moves reads 1 there and 0 where it is still; one open exactly in the
     lips' box reads 1 there; a hand without confident keypoints has no box (NaN)."""
     from dystream.datamodules.keypoints import MOUTH
-    from dystream.evaluation.vae_report import copy_gate_by_region
+    from dystream.evaluation.vae_report import mean_by_region
 
     frames = _clips(n=2, t=4)
     luma = frames.astype(np.float32).mean(-1) / 255.0
@@ -120,11 +124,11 @@ def test_copy_gate_by_region_averages_the_gate_inside_each_region():
     kpts[:, MOUTH, 0] = np.linspace(10, 14, MOUTH.stop - MOUTH.start)  # x 10-14, y 20-22, confident
     kpts[:, MOUTH, 1] = np.linspace(20, 22, MOUTH.stop - MOUTH.start)
     kpts[:, MOUTH, 2] = 1.0
-    by_motion = copy_gate_by_region(moving.astype(np.float32), frames, [kpts, kpts])
+    by_motion = mean_by_region(moving.astype(np.float32), frames, [kpts, kpts])
     assert by_motion["moving"] == 1.0 and by_motion["still"] == 0.0
     lips = np.zeros(luma.shape, np.float32)
     lips[:, :, 19:24, 9:16] = 1.0  # the box with a quarter of its size as padding: x 9-15, y 19.5-22.5
-    by_box = copy_gate_by_region(lips, frames, [kpts, kpts])
+    by_box = mean_by_region(lips, frames, [kpts, kpts])
     assert by_box["lips"] == 1.0 and np.isnan(by_box["hands"])
     with pytest.raises(ValueError, match="do not match"):
-        copy_gate_by_region(lips[:, :3], frames, [kpts, kpts])
+        mean_by_region(lips[:, :3], frames, [kpts, kpts])

@@ -205,6 +205,8 @@ def vae_decode_flops(cfg: VAEConfig, height: int, width: int, references: int = 
             + _linear(q, c + (3 if cfg.copy_gate_motion else 2) * px, px)
             + (_linear(q, 2 * px, px) if cfg.copy_gate_motion else 0.0)
         )
+        if cfg.copy_warp:  # the flow head, then a bilinear warp of every reference per frame (4 taps, 3 channels)
+            parts["reference copy head"] += _linear(q, c, 2) + 8.0 * references * q * px
     parts["total"] = sum(parts.values())
     return parts
 

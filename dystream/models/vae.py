@@ -114,6 +114,10 @@ class VAEConfig:
     # temporal difference, learned from that initialisation): where the drawing moves (lips, a gesturing arm) the
     # reference's frame-0 pixels are the wrong answer (docs/vae.md, row aa).
     copy_gate_motion: bool = False
+    # The copy head copies from the reference warped by a flow the decoder predicts (a linear map of the level-0
+    # features, in pixels, bilinearly upsampled to every pixel, zero at the start): a listener's sway of a fraction
+    # of a pixel is followed instead of snapped back to where the reference shows the body (docs/vae.md, row ag).
+    copy_warp: bool = False
     head_dim: int = 24
     temporal_kernel: int = 3
     # DC-AE / paper 002 residual auto-encoding: the non-parametric space/time-to-channel shortcuts beside every
@@ -160,6 +164,9 @@ class VAEConfig:
             )
         if self.local_window < 1 or self.local_window % 2 == 0:
             raise ValueError(f"VAEConfig.local_window must be odd and >= 1, got {self.local_window}")
+        for name in ("copy_gate_motion", "copy_warp"):
+            if getattr(self, name) and not self.reference_copy:
+                raise ValueError(f"VAEConfig.{name} refines the reference copy head: set reference_copy: true too")
         if self.temporal_kernel < 1:
             raise ValueError(f"VAEConfig.temporal_kernel must be >= 1, got {self.temporal_kernel}")
         for lvl in (*self.attn_levels, *self.local_attn_levels):
@@ -603,16 +610,24 @@ class ReferenceCopyHead(nn.Module):
     sample without (unmasked) references keeps ``cells`` unchanged. The gate starts at sigmoid(-2) = 0.12.
     With ``copy_gate_motion`` the gate also sees ``|cells_t - cells_{t-1}|``, the motion of the decoder's own drawing
     (a causal temporal conv initialised to that difference; its cache carries the previous frame across chunks).
+    With ``copy_warp`` the copied pixels come from the reference warped, per frame, by a flow read off the features
+    (:meth:`warped_pixels`): whole cells of the window move the copy by ``patch_size`` pixels, the flow by any
+    fraction of one, so a body that sways half a pixel is copied where it is. Per frame, so no cache is involved.
     """
 
     def __init__(self, dim: int, pixel_channels: int, cfg: VAEConfig) -> None:
         super().__init__()
-        self.window = cfg.local_window
+        self.window, self.patch_size = cfg.local_window, cfg.patch_size
         self.norm = ChannelRMSNorm(dim, cfg.norm_eps)
         self.norm_ref = ChannelRMSNorm(dim, cfg.norm_eps)
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Conv2d(dim, dim, 1)
         self.offset_bias = nn.Parameter(_window_prior(self.window, 1))
+        self.to_flow = None
+        if cfg.copy_warp:  # (dx, dy) in pixels per level-0 cell; zero: the plain copy
+            self.to_flow = nn.Linear(dim, 2)
+            nn.init.zeros_(self.to_flow.weight)
+            nn.init.zeros_(self.to_flow.bias)
         # The gate sees the features and how far the copy is from the decoder's own estimate (signed and absolute):
         # a gesturing arm that the reference does not show is a large difference, and there the copy must not win.
         self.motion = None
@@ -645,7 +660,12 @@ class ReferenceCopyHead(nn.Module):
         logits, keep = _window_logits(q, keys, self.offset_bias, refs.mask, self.window)
         usable = keep.any(dim=-1)[:, None, :, :, None, None]  # [B, 1, h, w, 1, 1]: some cell to copy from
         attn = torch.where(usable, logits, torch.zeros_like(logits)).softmax(dim=-1)
-        copy = torch.einsum("bthwnj,bhwnjd->bthwd", attn, _windows(refs.pixels, self.window, 1))
+        if self.to_flow is None:
+            copy = torch.einsum("bthwnj,bhwnjd->bthwd", attn, _windows(refs.pixels, self.window, 1))
+        else:  # every frame copies from its own warp of the references
+            pixels = self.warped_pixels(refs.pixels, self.to_flow(feats))  # [B, T, K, P, h, w]
+            windows = _windows(pixels.flatten(0, 1), self.window, 1).unflatten(0, (b, t))
+            copy = torch.einsum("bthwnj,bthwnjd->bthwd", attn, windows)
         blend = rearrange(cells, "b p t h w -> b t h w p")
         diff = copy - blend
         cues = [feats, diff, diff.abs()]
@@ -655,6 +675,32 @@ class ReferenceCopyHead(nn.Module):
         blend = blend + gate * diff
         blend, copy, gate = (rearrange(a, "b t h w p -> b p t h w") for a in (blend, copy, gate))
         return blend, copy, gate
+
+    def warped_pixels(self, pixels: Tensor, flow: Tensor) -> Tensor:
+        """Patchified references ``[B, K, P, h, w]`` warped by ``flow`` ``[B, T, h, w, 2]`` (``(dx, dy)`` in pixels
+        per cell, bilinearly upsampled to every pixel): ``[B, T, K, P, h, w]`` with ``out(x) = ref(x + flow(x))``,
+        bilinear between pixels and the border repeated outside the frame. Zero flow returns the references exactly
+        (the sampling points are the pixel centres)."""
+        b, k, _, h, w = pixels.shape
+        t, p = flow.shape[1], self.patch_size
+        images = rearrange(pixels, "b k (c p q) h w -> b k c (h p) (w q)", p=p, q=p)
+        flow = F.interpolate(
+            rearrange(flow.float(), "b t h w two -> (b t) two h w"),
+            scale_factor=p,
+            mode="bilinear",
+            align_corners=False,
+        )  # [B T, 2, H, W]
+        size_h, size_w = h * p, w * p
+        ys = torch.arange(size_h, device=flow.device, dtype=flow.dtype)
+        xs = torch.arange(size_w, device=flow.device, dtype=flow.dtype)
+        # normalised sampling points (align_corners=False: pixel i's centre is (2 i + 1) / size - 1)
+        gx = (2 * (xs[None, None, :] + flow[:, 0]) + 1) / size_w - 1
+        gy = (2 * (ys[None, :, None] + flow[:, 1]) + 1) / size_h - 1
+        grid = torch.stack([gx, gy], dim=-1).repeat_interleave(k, dim=0)  # [B T K, H, W, 2]
+        sources = images[:, None].expand(b, t, *images.shape[1:]).flatten(0, 2).float()
+        warped = F.grid_sample(sources, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        warped = rearrange(warped.to(pixels.dtype), "(b t k) c (h p) (w q) -> b t k (c p q) h w", b=b, t=t, p=p, q=p)
+        return warped
 
 
 class ResBlock2d(nn.Module):
