@@ -262,29 +262,6 @@ def test_local_reference_attention_reads_the_window_cell_it_prefers(offset):
                 torch.testing.assert_close(out[0, :, :, y, xx], torch.full((c, 2), 0.5))
 
 
-def test_reference_copy_head_with_an_open_gate_draws_the_reference_exactly():
-    """Gate fully open and attention on the same cell: every decoded frame is the reference image, pixel for pixel,
-    whatever the latents say (the copy path carries the reference's own pixels, in the decoder's cell order)."""
-    vae = _vae(reference_copy=True)
-    head = vae.decoder.copy_head
-    with torch.no_grad():
-        head.to_gate.bias.fill_(60.0)
-        head.to_q.weight.zero_()
-        head.to_q.bias.zero_()
-        centre = head.offset_bias.numel() // 2
-        head.offset_bias.fill_(-60.0)
-        head.offset_bias[0, centre] = 60.0
-        refs = _refs(k=1)
-        z = torch.randn(2, 16, 3, H // 8, W // 8)
-        out = vae.decode(z, refs)
-        mask = torch.tensor([[True], [False]])
-        masked = vae.decode(z, refs, mask)
-        plain = vae.decode(z, None)
-    torch.testing.assert_close(out, refs[:, 0, :, None].expand_as(out), rtol=0, atol=1e-5)
-    torch.testing.assert_close(masked[0], out[0], rtol=0, atol=1e-6)
-    torch.testing.assert_close(masked[1], plain[1], rtol=0, atol=1e-6)  # a masked reference is not copied
-
-
 def _open_centre_copy(vae: ReferenceGuidedVAE) -> None:
     """Gate fully open, copy attention on the same cell: the decoder draws exactly what the copy carries."""
     head = vae.decoder.copy_head
@@ -295,6 +272,23 @@ def _open_centre_copy(vae: ReferenceGuidedVAE) -> None:
         head.to_q.bias.zero_()
         head.offset_bias.fill_(-60.0)
         head.offset_bias[0, head.offset_bias.numel() // 2] = 60.0
+
+
+def test_reference_copy_head_with_an_open_gate_draws_the_reference_exactly():
+    """Gate fully open and attention on the same cell: every decoded frame is the reference image, pixel for pixel,
+    whatever the latents say (the copy path carries the reference's own pixels, in the decoder's cell order)."""
+    vae = _vae(reference_copy=True)
+    _open_centre_copy(vae)
+    with torch.no_grad():
+        refs = _refs(k=1)
+        z = torch.randn(2, 16, 3, H // 8, W // 8)
+        out = vae.decode(z, refs)
+        mask = torch.tensor([[True], [False]])
+        masked = vae.decode(z, refs, mask)
+        plain = vae.decode(z, None)
+    torch.testing.assert_close(out, refs[:, 0, :, None].expand_as(out), rtol=0, atol=1e-5)
+    torch.testing.assert_close(masked[0], out[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(masked[1], plain[1], rtol=0, atol=1e-6)  # a masked reference is not copied
 
 
 @pytest.mark.parametrize(("dx", "dy"), [(1.0, 0.0), (0.0, -1.0), (0.5, 0.0), (-0.25, 0.5)])

@@ -699,8 +699,7 @@ class ReferenceCopyHead(nn.Module):
         grid = torch.stack([gx, gy], dim=-1).repeat_interleave(k, dim=0)  # [B T K, H, W, 2]
         sources = images[:, None].expand(b, t, *images.shape[1:]).flatten(0, 2).float()
         warped = F.grid_sample(sources, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        warped = rearrange(warped.to(pixels.dtype), "(b t k) c (h p) (w q) -> b t k (c p q) h w", b=b, t=t, p=p, q=p)
-        return warped
+        return rearrange(warped.to(pixels.dtype), "(b t k) c (h p) (w q) -> b t k (c p q) h w", b=b, t=t, p=p, q=p)
 
 
 class ResBlock2d(nn.Module):
