@@ -59,6 +59,27 @@ def contact_sheet(real: np.ndarray, recon: np.ndarray, path: str | Path, clips: 
     return path
 
 
+def error_where_changed(
+    real: np.ndarray, references: np.ndarray, videos: dict[str, np.ndarray], threshold: float = 0.05
+) -> dict[str, dict[str, float]]:
+    """Where the reconstruction's error lies. ``changed``: the pixels whose real frame differs from the reference
+    image by more than ``threshold`` of the range (mean over channels), where the person has moved; ``unchanged``:
+    the rest. For each: the share of the pixels, the share of the first video's squared error, and the RMSE (0-255)
+    of every video in ``videos`` (``output``; with a copy head also ``estimate``, the decoder's own drawing before
+    it, and ``copy``, what it copies). real and videos ``[N, T, H, W, 3]``, references ``[N, H, W, 3]``."""
+    real = real.astype(np.float32)
+    changed = np.abs(real - references[:, None].astype(np.float32)).mean(-1) > threshold * 255.0
+    squared = {name: ((v.astype(np.float32) - real) ** 2).mean(-1) for name, v in videos.items()}
+    first = next(iter(squared.values()))
+    out = {}
+    for region, mask in (("changed", changed), ("unchanged", ~changed)):
+        figures = {"pixels": float(mask.mean()), "error_share": float(first[mask].sum() / max(first.sum(), 1e-12))}
+        for name, se in squared.items():
+            figures[f"rmse_{name}"] = float(np.sqrt(se[mask].mean())) if mask.any() else float("nan")
+        out[region] = figures
+    return out
+
+
 def mean_by_region(values: np.ndarray, frames: np.ndarray, kpts: list[np.ndarray | None]) -> dict[str, float]:
     """Mean of a per-pixel figure ``values [N, T, H, W]`` (the copy head's gate, 1 = the reference's pixels; the
     length of its warp in pixels) in the lips' box, in the hands' boxes (the clips' keypoint labels), where the real
@@ -142,8 +163,16 @@ def run(args: argparse.Namespace) -> int:
     head = vae.decoder.copy_head
     logits: list[torch.Tensor] = []  # the copy gate's logits [B, T, h, w, 3 p^2] of each decoded batch
     flows: list[torch.Tensor] = []  # the copy warp's flow [B, T, h, w, 2] (pixels) of each decoded batch
+    parts: dict[str, list[torch.Tensor]] = {"estimate": [], "copy": []}  # the copy head's input and copy, as videos
     hooks = []
+
+    def keep_parts(module, inputs, outputs) -> None:
+        if outputs[1] is not None:
+            parts["estimate"].append(vae.decoder._unpatchify(inputs[1]).detach())
+            parts["copy"].append(vae.decoder._unpatchify(outputs[1]).detach())
+
     if head is not None:
+        hooks.append(head.register_forward_hook(keep_parts))
         hooks.append(head.to_gate.register_forward_hook(lambda m, i, o: logits.append(o.detach())))
         if head.to_flow is not None:
             hooks.append(head.to_flow.register_forward_hook(lambda m, i, o: flows.append(o.detach())))
@@ -164,6 +193,12 @@ def run(args: argparse.Namespace) -> int:
     if flows:  # [N, T, H, W]: the warp's length per cell, repeated over its p x p pixels
         length = torch.cat(flows).float()[:, 1:].norm(dim=-1).repeat_interleave(p, -1).repeat_interleave(p, -2)
         figures["copy_flow_px"] = mean_by_region(length.cpu().numpy(), clips.frames, clips.kpts)
+    videos = {"output": recon}
+    for name, chunks in parts.items():
+        if chunks:  # [N, 3, T, H, W] in [-1, 1] -> [N, T, H, W, 3] in 0-255 as the output, the reference frame dropped
+            video = ((torch.cat(chunks).float().clamp(-1, 1) + 1) * 127.5).round()[:, :, 1:]
+            videos[name] = video.permute(0, 2, 3, 4, 1).numpy()
+    figures["error_where_changed"] = error_where_changed(clips.frames, clips.references, videos)
     figures.update(clips=len(clips.keys), frames=int(clips.frames.shape[1]), references=args.references)
     figures["seconds_per_frame"] = seconds / (clips.frames.shape[0] * clips.frames.shape[1])
     print(
@@ -179,6 +214,12 @@ def run(args: argparse.Namespace) -> int:
     if "copy_flow_px" in figures:
         print(
             "copy warp (mean length, pixels): " + "  ".join(f"{k} {v:.3f}" for k, v in figures["copy_flow_px"].items())
+        )
+    for region, f in figures["error_where_changed"].items():
+        rmse = "  ".join(f"{k[5:]} {v:.2f}" for k, v in f.items() if k.startswith("rmse_"))
+        print(
+            f"{region} pixels (vs the reference image): {100 * f['pixels']:.1f} % of the pixels, "
+            f"{100 * f['error_share']:.1f} % of the squared error; RMSE (0-255) {rmse}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

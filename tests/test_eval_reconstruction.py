@@ -104,6 +104,10 @@ def test_vae_report_end_to_end(tmp_path):
     for region in ("moving", "still", "lips", "hands"):
         assert figures["copy_gate"][region] == pytest.approx(1 / (1 + np.exp(2.0)), abs=1e-5), region
         assert figures["copy_flow_px"][region] == pytest.approx(0.5, abs=1e-5), region
+    where = figures["error_where_changed"]
+    assert where["changed"]["pixels"] + where["unchanged"]["pixels"] == pytest.approx(1.0)
+    assert where["changed"]["error_share"] + where["unchanged"]["error_share"] == pytest.approx(1.0)
+    assert {"rmse_output", "rmse_estimate", "rmse_copy"} <= set(where["changed"])  # the tiny preset has a copy head
     assert (tmp_path / "s.png").stat().st_size > 0
     args.vae = str(tmp_path / "missing.safetensors")
     assert vae_report.run(args) == 2
@@ -132,3 +136,22 @@ def test_mean_by_region_averages_the_gate_inside_each_region():
     assert by_box["lips"] == 1.0 and np.isnan(by_box["hands"])
     with pytest.raises(ValueError, match="do not match"):
         mean_by_region(lips[:, :3], frames, [kpts, kpts])
+
+
+def test_error_where_changed_splits_the_error_by_where_the_frame_left_the_reference():
+    """A block that differs from the reference is the changed region; an output wrong only there puts all of its
+    squared error there, with the RMSE of the direct formula; a second video is scored on the same split."""
+    from dystream.evaluation.vae_report import error_where_changed
+
+    reference = np.full((1, 8, 8, 3), 100, np.uint8)
+    real = np.repeat(reference[:, None], 2, axis=1)  # [1, 2, 8, 8, 3]
+    real[0, 1, :2, :4] = 200  # 8 of the 128 pixels move
+    output = real.copy()
+    output[0, 1, :2, :4] = 170  # wrong by 30 where it moved, right elsewhere
+    other = real.copy()
+    other[..., 0] += 3  # wrong by 3 in one channel everywhere
+    f = error_where_changed(real, reference, {"output": output, "other": other})
+    assert f["changed"]["pixels"] == pytest.approx(8 / 128) and f["unchanged"]["pixels"] == pytest.approx(120 / 128)
+    assert f["changed"]["error_share"] == pytest.approx(1.0) and f["unchanged"]["error_share"] == 0.0
+    assert f["changed"]["rmse_output"] == pytest.approx(30.0) and f["unchanged"]["rmse_output"] == 0.0
+    assert f["changed"]["rmse_other"] == pytest.approx(np.sqrt(9 / 3)) == f["unchanged"]["rmse_other"]

@@ -476,3 +476,65 @@ def test_edge_term_sees_a_blurred_edge_but_not_a_tint(tmp_path):
     stage = VAEStage(edge_weight=1.0, disc_weight=0.0, lpips_weight=0.0, max_references=1, export_dir=str(tmp_path))
     _trainer(tmp_path, 2).fit(stage, _loader(_batch(), 2))
     assert "train/edge_l1" in stage.trainer.logged_metrics
+
+
+@pytest.mark.parametrize("copy_weight", [0.0, 0.5])
+def test_copy_term_teaches_the_warp_where_the_gate_is_closed(tmp_path, copy_weight):
+    """``copy_weight`` adds the L1 of the copy itself: with the gate shut, the pixel loss gives the warp's flow no
+    gradient, the copy term does; a few steps of it alone on a fixed batch lower it."""
+    stage = VAEStage(architecture={"reference_copy": True, "copy_warp": True}, copy_weight=copy_weight,
+                     disc_weight=0.0, lpips_weight=0.0, max_references=1, export_dir=str(tmp_path))  # fmt: skip
+    head = stage.vae.decoder.copy_head
+    with torch.no_grad():
+        head.to_gate.bias.fill_(-200.0)  # sigmoid underflows to 0: the output is exactly the decoder's drawing
+    batch = _batch(size=32)
+    clip, guidance = stage.clip_and_references(batch, 1)
+    out = stage.vae(clip, guidance, sample=False)
+    nll, logs = stage.reconstruction_nll(batch, out, clip)
+    expected = stage.pixel_losses(batch, out.recon, clip)[0] + copy_weight * (out.copy - clip).abs().mean()
+    assert nll.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ("copy_l1" in logs) == (copy_weight > 0)
+    nll.backward()
+    flow_grad = head.to_flow.weight.grad
+    if copy_weight == 0:
+        assert flow_grad is None or flow_grad.abs().max().item() == 0.0
+        return
+    assert flow_grad.abs().max().item() > 0.0
+    opt = torch.optim.Adam([*head.to_flow.parameters(), *head.to_q.parameters(), *head.to_k.parameters()], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        out = stage.vae(clip, guidance, sample=False)
+        loss = (out.copy - clip).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_changed_pixels_are_where_the_frame_left_the_reference_and_the_term_weighs_them(tmp_path):
+    """``changed_pixels`` marks exactly the pixels farther than the threshold from the clip's first frame (mean over
+    channels), never the first frame itself; ``changed_weight`` adds the L1 over them to the pixel terms."""
+    from dystream.objectives.vae import changed_pixels, region_l1_loss
+
+    clip = torch.zeros(1, 3, 3, 8, 8)
+    clip[:, :, 1, 2:4, 2:6] = 0.5  # moved in frame 1
+    clip[:, 0, 2, 0, 0] = 0.25  # one channel by 0.25: 0.083 over the three, under the threshold
+    changed = changed_pixels(clip, 0.1)
+    expected = torch.zeros(1, 3, 8, 8, dtype=torch.bool)
+    expected[:, 1, 2:4, 2:6] = True
+    assert torch.equal(changed, expected)
+    with pytest.raises(ValueError, match="changed_pixels"):
+        changed_pixels(clip[:, :, 0], 0.1)
+
+    stage = VAEStage(changed_weight=0.5, face_weight=0.0, disc_weight=0.0, lpips_weight=0.0, max_references=1,
+                     export_dir=str(tmp_path))  # fmt: skip
+    plain = VAEStage(face_weight=0.0, disc_weight=0.0, lpips_weight=0.0, max_references=1, export_dir=str(tmp_path))
+    batch = _batch(size=32)
+    clip, _ = stage.clip_and_references(batch, 1)
+    video = clip + 0.1 * torch.randn_like(clip)
+    nll, logs = stage.pixel_losses(batch, video, clip)
+    mask = changed_pixels(clip, 0.1)
+    assert 0 < mask.float().mean() < 1  # the moving test clip has both
+    direct = plain.pixel_losses(batch, video, clip)[0] + 0.5 * region_l1_loss(video, clip, mask)
+    assert nll.item() == pytest.approx(direct.item(), rel=1e-6) and "changed_l1" in logs

@@ -48,6 +48,7 @@ from dystream.models.vae import (
 from dystream.objectives.vae import (
     adaptive_gan_weight,
     build_lpips,
+    changed_pixels,
     colour_l1_loss,
     copy_gate_loss,
     edge_l1_loss,
@@ -96,6 +97,11 @@ class VAEStage(L.LightningModule):
         hands_weight: weight of an extra L1 term over each hand's box (either hand's points, enlarged by
             ``hands_pad``): gesturing hands are small and fast, and the plain L1 lets them blur away.
         hands_pad: enlargement of each hand box on each side, as a fraction of its size.
+        changed_weight: weight of an extra L1 over the pixels that differ from the clip's first frame (the
+            reference image) by more than ``changed_threshold`` (pixels in [-1, 1], mean over channels): where the
+            person has moved; 0 = off. The copy head draws everything else from the reference, so there the
+            decoder's drawing carries nearly all the error, on a few percent of the pixels (docs/vae.md).
+        changed_threshold: how far a pixel must differ from the reference to count as changed.
         colour_weight: weight of the L1 between each frame's mean colour and the real frame's, per channel: a
             clip-wide tint costs the per-pixel L1 little; 0 = off. Measured at the embedded scale: no gain, more
             background speckle (docs/vae.md, row p).
@@ -109,6 +115,10 @@ class VAEStage(L.LightningModule):
             (within ``gate_tolerance`` of the real pixel); 0 = off. The pixel loss alone leaves the gate open over a
             moving arm that the decoder draws faint (docs/vae.md, row ab).
         gate_tolerance: largest ``|copy - real|`` (pixels in [-1, 1]) at which the copy counts as right.
+        copy_weight: weight of an L1 between the copy head's copy itself (before the gate) and the real frames;
+            0 = off. The pixel loss reaches the copy only where the gate is open, so where the body has moved and
+            the gate closed, the copy's window attention and its warp (``copy_warp``) get no gradient to follow it
+            (docs/vae.md, row ag); this term teaches them the correspondence everywhere.
         kl_weight: weight of the KL term, averaged over latent elements.
         disc_weight: scale of LDM's adaptive GAN weight (``disc_weighting: adaptive``) or the adversarial term's
             weight itself (``fixed``); 0 disables the discriminator.
@@ -152,11 +162,14 @@ class VAEStage(L.LightningModule):
         mouth_pad: NonNegativeFloat = 0.5,
         hands_weight: NonNegativeFloat = 0.0,
         hands_pad: NonNegativeFloat = 0.25,
+        changed_weight: NonNegativeFloat = 0.0,
+        changed_threshold: PositiveFloat = 0.1,
         colour_weight: NonNegativeFloat = 0.0,
         estimate_weight: NonNegativeFloat = 0.0,
         edge_weight: NonNegativeFloat = 0.0,
         gate_weight: NonNegativeFloat = 0.0,
         gate_tolerance: PositiveFloat = 0.1,
+        copy_weight: NonNegativeFloat = 0.0,
         kl_weight: NonNegativeFloat = 1e-4,
         disc_weight: NonNegativeFloat = 0.05,
         disc_start: NonNegativeInt = 2000,
@@ -257,7 +270,8 @@ class VAEStage(L.LightningModule):
         return net
 
     def pixel_losses(self, batch: dict[str, Any], video: Tensor, clip: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The weighted pixel terms (L1, face, mouth, hands, colour, LPIPS) of one decoded video, and their logs."""
+        """The weighted pixel terms (L1, face, mouth, hands, changed pixels, edges, colour, LPIPS) of one decoded video,
+        and their logs."""
         hp = self.hparams
         rec = l1_loss(video, clip)
         nll = hp.l1_weight * rec
@@ -274,6 +288,10 @@ class VAEStage(L.LightningModule):
             hands = self.region_l1(batch, video, clip, (LEFT_HAND, RIGHT_HAND), hp.hands_pad)
             nll = nll + hp.hands_weight * hands
             logs["hands_l1"] = hands.detach()
+        if hp.changed_weight > 0:
+            changed = region_l1_loss(video, clip, changed_pixels(clip, hp.changed_threshold))
+            nll = nll + hp.changed_weight * changed
+            logs["changed_l1"] = changed.detach()
         if hp.edge_weight > 0:
             edges = edge_l1_loss(video, clip)
             nll = nll + hp.edge_weight * edges
@@ -292,7 +310,8 @@ class VAEStage(L.LightningModule):
         self, batch: dict[str, Any], out: VAEOutput, clip: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The pixel terms of the output, plus ``estimate_weight`` times those of the drawing before the copy head and
-        ``gate_weight`` times the copy gate's cross-entropy against where the copy is right."""
+        ``gate_weight`` times the copy gate's cross-entropy against where the copy is right, plus ``copy_weight``
+        times the L1 of the copy itself."""
         nll, logs = self.pixel_losses(batch, out.recon, clip)
         if self.hparams.estimate_weight > 0 and out.estimate is not None:
             estimate_nll, estimate_logs = self.pixel_losses(batch, out.estimate, clip)
@@ -302,6 +321,10 @@ class VAEStage(L.LightningModule):
             gate = copy_gate_loss(out.copy_gate, out.copy, clip, self.hparams.gate_tolerance)
             nll = nll + self.hparams.gate_weight * gate
             logs["copy_gate_bce"] = gate.detach()
+        if self.hparams.copy_weight > 0 and out.copy is not None:
+            copy_l1 = (out.copy - clip).abs().mean()
+            nll = nll + self.hparams.copy_weight * copy_l1
+            logs["copy_l1"] = copy_l1.detach()
         return nll, logs
 
     # ------------------------------------------------------------------ training
