@@ -5,7 +5,9 @@
 The clips are those of `make eval` (`recipes/eval.yaml`: the first 16 validation clips, their last 96 frames, frame 0
 as the reference image and the only guidance image), reconstructed as the DiT stages encode them
 (:func:`dystream.evaluation.generation.reconstruct`). Prints PSNR, SSIM, the high-frequency energy ratio and the
-colour error (:mod:`dystream.evaluation.reconstruction`) and the encode+decode time; the metric-network columns
+colour error (:mod:`dystream.evaluation.reconstruction`), where the error lies (:func:`error_where_changed`: the
+pixels that differ from the reference image against the rest; :func:`psnr_over_time`), the copy head's gate and warp
+by region, and the encode+decode time; the metric-network columns
 (Sync-C, mouth-voice r, hand keypoints) come with `make eval`. This is the command behind every row of the ladder in
 docs/vae.md.
 """
@@ -57,6 +59,15 @@ def contact_sheet(real: np.ndarray, recon: np.ndarray, path: str | Path, clips: 
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def psnr_over_time(recon: np.ndarray, real: np.ndarray, frames_per_bin: int = 8) -> list[float]:
+    """PSNR (dB, range 255) of each run of ``frames_per_bin`` frames, over all clips ``[N, T, H, W, 3]``: whether the
+    error grows along a clip (a causal decoder's caches drifting) or follows how far the person is from the
+    reference pose."""
+    squared = ((recon.astype(np.float32) - real.astype(np.float32)) ** 2).mean(axis=(0, 2, 3, 4))  # [T]
+    bins = [squared[a : a + frames_per_bin].mean() for a in range(0, len(squared), frames_per_bin)]
+    return [float(10.0 * np.log10(255.0**2 / max(m, 1e-12))) for m in bins]
 
 
 def error_where_changed(
@@ -199,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
             video = ((torch.cat(chunks).float().clamp(-1, 1) + 1) * 127.5).round()[:, :, 1:]
             videos[name] = video.permute(0, 2, 3, 4, 1).numpy()
     figures["error_where_changed"] = error_where_changed(clips.frames, clips.references, videos)
+    figures["psnr_over_time"] = psnr_over_time(recon, clips.frames)
     figures.update(clips=len(clips.keys), frames=int(clips.frames.shape[1]), references=args.references)
     figures["seconds_per_frame"] = seconds / (clips.frames.shape[0] * clips.frames.shape[1])
     print(
@@ -221,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
             f"{region} pixels (vs the reference image): {100 * f['pixels']:.1f} % of the pixels, "
             f"{100 * f['error_share']:.1f} % of the squared error; RMSE (0-255) {rmse}"
         )
+    print("PSNR over time (dB, 8 frames at a time): " + " ".join(f"{v:.1f}" for v in figures["psnr_over_time"]))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     if args.sheet:

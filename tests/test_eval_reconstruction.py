@@ -155,3 +155,14 @@ def test_error_where_changed_splits_the_error_by_where_the_frame_left_the_refere
     assert f["changed"]["error_share"] == pytest.approx(1.0) and f["unchanged"]["error_share"] == 0.0
     assert f["changed"]["rmse_output"] == pytest.approx(30.0) and f["unchanged"]["rmse_output"] == 0.0
     assert f["changed"]["rmse_other"] == pytest.approx(np.sqrt(9 / 3)) == f["unchanged"]["rmse_other"]
+
+
+def test_psnr_over_time_is_the_psnr_of_each_run_of_frames():
+    from dystream.evaluation.vae_report import psnr_over_time
+
+    real = np.zeros((2, 6, 4, 4, 3), np.uint8)
+    recon = real.copy()
+    recon[0, 3:] = 10  # wrong by 10 in the second half of one clip
+    # direct formula: the second bin's mean squared error is 100 over half of its clips
+    expected = [10 * np.log10(255**2 / 1e-12), 10 * np.log10(255**2 / 50)]  # a perfect bin: the 1e-12 floor
+    assert psnr_over_time(recon, real, frames_per_bin=3) == pytest.approx(expected)
