@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dystream.evaluation.cli import ClipsConfig, load_clips
-    from dystream.evaluation.generation import reconstruct
+    from dystream.evaluation.generation import _to_uint8, reconstruct
     from dystream.evaluation.reconstruction import reconstruction_quality
 
     if not Path(args.vae).is_file():
@@ -206,9 +206,8 @@ def run(args: argparse.Namespace) -> int:
         figures["copy_flow_px"] = mean_by_region(length.cpu().numpy(), clips.frames, clips.kpts)
     videos = {"output": recon}
     for name, chunks in parts.items():
-        if chunks:  # [N, 3, T, H, W] in [-1, 1] -> [N, T, H, W, 3] in 0-255 as the output, the reference frame dropped
-            video = ((torch.cat(chunks).float().clamp(-1, 1) + 1) * 127.5).round()[:, :, 1:]
-            videos[name] = video.permute(0, 2, 3, 4, 1).numpy()
+        if chunks:  # [N, 3, T, H, W] -> uint8 [N, T, H, W, 3] as the output, the reference frame dropped
+            videos[name] = np.stack([_to_uint8(v) for v in torch.cat(chunks).float()[:, :, 1:]])
     figures["error_where_changed"] = error_where_changed(clips.frames, clips.references, videos)
     figures["psnr_over_time"] = psnr_over_time(recon, clips.frames)
     figures.update(clips=len(clips.keys), frames=int(clips.frames.shape[1]), references=args.references)

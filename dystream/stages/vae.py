@@ -322,7 +322,7 @@ class VAEStage(L.LightningModule):
             nll = nll + self.hparams.gate_weight * gate
             logs["copy_gate_bce"] = gate.detach()
         if self.hparams.copy_weight > 0 and out.copy is not None:
-            copy_l1 = (out.copy - clip).abs().mean()
+            copy_l1 = l1_loss(out.copy, clip)
             nll = nll + self.hparams.copy_weight * copy_l1
             logs["copy_l1"] = copy_l1.detach()
         return nll, logs
