@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-__all__ = ["keypoint_error", "laplacian_energy", "reconstruction_quality"]
+__all__ = ["keypoint_error", "laplacian_energy", "laplacian_response", "reconstruction_quality"]
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -42,10 +42,17 @@ def _frames(video: np.ndarray) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float() / 255.0
 
 
+def laplacian_response(video: np.ndarray) -> np.ndarray:
+    """Squared 3x3-Laplacian response of the luma of uint8 frames ``[..., H, W, 3]`` at each valid pixel:
+    ``[..., H - 2, W - 2]``, the pixel ``(i, j)`` of the result centred on ``(i + 1, j + 1)`` of the frame."""
+    luma = torch.einsum("fchw,c->fhw", _frames(video), _LUMA)[:, None]
+    response = F.conv2d(luma, _LAPLACIAN.view(1, 1, 3, 3)).pow(2)[:, 0]
+    return response.reshape(*video.shape[:-3], *response.shape[-2:]).numpy()
+
+
 def laplacian_energy(video: np.ndarray) -> float:
     """Mean squared 3x3-Laplacian response of the luma of uint8 frames ``[..., H, W, 3]`` (valid pixels only)."""
-    luma = torch.einsum("fchw,c->fhw", _frames(video), _LUMA)[:, None]
-    return float(F.conv2d(luma, _LAPLACIAN.view(1, 1, 3, 3)).pow(2).mean())
+    return float(laplacian_response(video).mean())
 
 
 def reconstruction_quality(recon: np.ndarray, real: np.ndarray) -> dict[str, float]:

@@ -76,8 +76,14 @@ def error_where_changed(
     """Where the reconstruction's error lies. ``changed``: the pixels whose real frame differs from the reference
     image by more than ``threshold`` of the range (mean over channels), where the person has moved; ``unchanged``:
     the rest. For each: the share of the pixels, the share of the first video's squared error, and the RMSE (0-255)
-    of every video in ``videos`` (``output``; with a copy head also ``estimate``, the decoder's own drawing before
-    it, and ``copy``, what it copies). real and videos ``[N, T, H, W, 3]``, references ``[N, H, W, 3]``."""
+    and the high-frequency energy ratio (the HF ratio of :func:`reconstruction_quality` summed over the region's
+    pixels: below 1 blur, above 1 grain) of every video in ``videos`` (``output``; with a copy head also
+    ``estimate``, the decoder's own drawing before it, and ``copy``, what it copies). real and videos
+    ``[N, T, H, W, 3]`` uint8, references ``[N, H, W, 3]``."""
+    from dystream.evaluation.reconstruction import laplacian_response
+
+    laplacian_real = laplacian_response(real)  # [N, T, H - 2, W - 2]
+    laplacians = {name: laplacian_response(v) for name, v in videos.items()}
     real = real.astype(np.float32)
     changed = np.abs(real - references[:, None].astype(np.float32)).mean(-1) > threshold * 255.0
     squared = {name: ((v.astype(np.float32) - real) ** 2).mean(-1) for name, v in videos.items()}
@@ -85,8 +91,13 @@ def error_where_changed(
     out = {}
     for region, mask in (("changed", changed), ("unchanged", ~changed)):
         figures = {"pixels": float(mask.mean()), "error_share": float(first[mask].sum() / max(first.sum(), 1e-12))}
+        inner = mask[..., 1:-1, 1:-1]  # the pixels the Laplacian is centred on
+        real_energy = float(laplacian_real[inner].sum())
         for name, se in squared.items():
             figures[f"rmse_{name}"] = float(np.sqrt(se[mask].mean())) if mask.any() else float("nan")
+            figures[f"hf_ratio_{name}"] = (
+                float(laplacians[name][inner].sum()) / real_energy if real_energy > 0 else float("nan")
+            )
         out[region] = figures
     return out
 
@@ -228,9 +239,10 @@ def run(args: argparse.Namespace) -> int:
         )
     for region, f in figures["error_where_changed"].items():
         rmse = "  ".join(f"{k[5:]} {v:.2f}" for k, v in f.items() if k.startswith("rmse_"))
+        hf = "  ".join(f"{k[9:]} {v:.3f}" for k, v in f.items() if k.startswith("hf_ratio_"))
         print(
             f"{region} pixels (vs the reference image): {100 * f['pixels']:.1f} % of the pixels, "
-            f"{100 * f['error_share']:.1f} % of the squared error; RMSE (0-255) {rmse}"
+            f"{100 * f['error_share']:.1f} % of the squared error; RMSE (0-255) {rmse}; HF ratio {hf}"
         )
     print("PSNR over time (dB, 8 frames at a time): " + " ".join(f"{v:.1f}" for v in figures["psnr_over_time"]))
     if args.json:

@@ -108,6 +108,7 @@ def test_vae_report_end_to_end(tmp_path):
     assert where["changed"]["pixels"] + where["unchanged"]["pixels"] == pytest.approx(1.0)
     assert where["changed"]["error_share"] + where["unchanged"]["error_share"] == pytest.approx(1.0)
     assert {"rmse_output", "rmse_estimate", "rmse_copy"} <= set(where["changed"])  # the tiny preset has a copy head
+    assert {"hf_ratio_output", "hf_ratio_estimate", "hf_ratio_copy"} <= set(where["changed"])
     assert (tmp_path / "s.png").stat().st_size > 0
     args.vae = str(tmp_path / "missing.safetensors")
     assert vae_report.run(args) == 2
@@ -155,6 +156,33 @@ def test_error_where_changed_splits_the_error_by_where_the_frame_left_the_refere
     assert f["changed"]["error_share"] == pytest.approx(1.0) and f["unchanged"]["error_share"] == 0.0
     assert f["changed"]["rmse_output"] == pytest.approx(30.0) and f["unchanged"]["rmse_output"] == 0.0
     assert f["changed"]["rmse_other"] == pytest.approx(np.sqrt(9 / 3)) == f["unchanged"]["rmse_other"]
+
+
+def test_error_where_changed_hf_ratio_matches_a_direct_laplacian():
+    """The HF ratio of each region equals a hand-written 5-point Laplacian of the luma summed over the pixels it is
+    centred on; an output flattened where the frame moved reads blur there (< 1) and 1 elsewhere."""
+    from dystream.evaluation.vae_report import error_where_changed
+
+    rng = np.random.default_rng(0)
+    reference = rng.integers(60, 120, (2, 10, 12, 3)).astype(np.uint8)
+    real = np.repeat(reference[:, None], 3, axis=1)  # [2, 3, 10, 12, 3]
+    real[:, 1:, 2:7, 3:9] = rng.integers(150, 250, (2, 2, 5, 6, 3))  # a textured block moves in
+    output = real.copy()
+    output[:, 1:, 2:7, 3:9] = real[:, 1:, 2:7, 3:9].mean(axis=(2, 3), keepdims=True).astype(np.uint8)  # drawn flat
+
+    def energy(v: np.ndarray) -> np.ndarray:
+        luma = (v.astype(np.float64) / 255.0) @ np.array([0.299, 0.587, 0.114])
+        lap = luma[..., :-2, 1:-1] + luma[..., 2:, 1:-1] + luma[..., 1:-1, :-2] + luma[..., 1:-1, 2:]
+        return (lap - 4 * luma[..., 1:-1, 1:-1]) ** 2
+
+    changed = np.abs(real.astype(np.float32) - reference[:, None]).mean(-1) > 0.05 * 255
+    f = error_where_changed(real, reference, {"output": output})
+    for region, mask in (("changed", changed), ("unchanged", ~changed)):
+        inner = mask[..., 1:-1, 1:-1]
+        expected = energy(output)[inner].sum() / energy(real)[inner].sum()
+        assert f[region]["hf_ratio_output"] == pytest.approx(expected, rel=1e-4), region
+    assert f["changed"]["hf_ratio_output"] < 0.8  # only the flat block's own edges are left
+    assert f["unchanged"]["hf_ratio_output"] < 1.0  # the block's rim: its Laplacian reaches one pixel outside
 
 
 def test_psnr_over_time_is_the_psnr_of_each_run_of_frames():
