@@ -291,6 +291,31 @@ def test_reference_copy_head_with_an_open_gate_draws_the_reference_exactly():
     torch.testing.assert_close(masked[1], plain[1], rtol=0, atol=1e-6)  # a masked reference is not copied
 
 
+def test_copy_logit_scale_sharpens_the_copy_to_the_same_cell():
+    """Gate open, queries zero, so the copy's window attention is the offset prior alone (-3 (dy^2 + dx^2)): at the
+    default scale that is a blend of the neighbouring reference cells; scaled by 10 it is the reference's own cell
+    (e^-30 left on the neighbours), pixel for pixel."""
+    refs, z = _refs(k=1), torch.randn(2, 16, 2, H // 8, W // 8)
+    decoded = {}
+    for scale in (1.0, 10.0):
+        vae = _vae(copy_logit_scale=scale)
+        with torch.no_grad():
+            head = vae.decoder.copy_head
+            head.to_gate.weight.zero_()
+            head.to_gate.bias.fill_(60.0)
+            head.to_q.weight.zero_()
+            head.to_q.bias.zero_()
+            decoded[scale] = vae.decode(z, refs)
+    same_cell = refs[:, 0, :, None].expand_as(decoded[10.0])
+    torch.testing.assert_close(decoded[10.0], same_cell, rtol=0, atol=1e-5)
+    assert (decoded[1.0] - same_cell).abs().mean() > 0.05  # the default's soft copy blurs a random reference
+
+
+def test_copy_logit_scale_must_be_positive():
+    with pytest.raises(ValueError, match="copy_logit_scale must be > 0"):
+        VAEConfig.from_preset("tiny", copy_logit_scale=0.0)
+
+
 @pytest.mark.parametrize(("dx", "dy"), [(1.0, 0.0), (0.0, -1.0), (0.5, 0.0), (-0.25, 0.5)])
 def test_copy_warp_moves_the_copy_by_the_flow(dx, dy):
     """With a constant flow (dx, dy) every decoded frame is the reference sampled at (x + dx, y + dy): bilinear

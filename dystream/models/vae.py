@@ -118,6 +118,9 @@ class VAEConfig:
     # features, in pixels, bilinearly upsampled to every pixel, zero at the start): a listener's sway of a fraction
     # of a pixel is followed instead of snapped back to where the reference shows the body (docs/vae.md, row ag).
     copy_warp: bool = False
+    # The copy head's window logits (its query-key scores and offset prior) times this: above 1 the copy comes from
+    # fewer reference cells, sharper (a softmax over the 5x5 window blurs the reference: docs/vae.md, row am).
+    copy_logit_scale: float = 1.0
     head_dim: int = 24
     temporal_kernel: int = 3
     # DC-AE / paper 002 residual auto-encoding: the non-parametric space/time-to-channel shortcuts beside every
@@ -167,6 +170,8 @@ class VAEConfig:
         for name in ("copy_gate_motion", "copy_warp"):
             if getattr(self, name) and not self.reference_copy:
                 raise ValueError(f"VAEConfig.{name} refines the reference copy head: set reference_copy: true too")
+        if not self.copy_logit_scale > 0:
+            raise ValueError(f"VAEConfig.copy_logit_scale must be > 0, got {self.copy_logit_scale}")
         if self.temporal_kernel < 1:
             raise ValueError(f"VAEConfig.temporal_kernel must be >= 1, got {self.temporal_kernel}")
         for lvl in (*self.attn_levels, *self.local_attn_levels):
@@ -618,6 +623,7 @@ class ReferenceCopyHead(nn.Module):
     def __init__(self, dim: int, pixel_channels: int, cfg: VAEConfig) -> None:
         super().__init__()
         self.window, self.patch_size = cfg.local_window, cfg.patch_size
+        self.logit_scale = cfg.copy_logit_scale
         self.norm = ChannelRMSNorm(dim, cfg.norm_eps)
         self.norm_ref = ChannelRMSNorm(dim, cfg.norm_eps)
         self.to_q = nn.Linear(dim, dim)
@@ -659,7 +665,7 @@ class ReferenceCopyHead(nn.Module):
         keys = self.to_k(self.norm_ref(refs.maps[0].flatten(0, 1))).unflatten(0, (b, -1))
         logits, keep = _window_logits(q, keys, self.offset_bias, refs.mask, self.window)
         usable = keep.any(dim=-1)[:, None, :, :, None, None]  # [B, 1, h, w, 1, 1]: some cell to copy from
-        attn = torch.where(usable, logits, torch.zeros_like(logits)).softmax(dim=-1)
+        attn = torch.where(usable, logits * self.logit_scale, torch.zeros_like(logits)).softmax(dim=-1)
         if self.to_flow is None:
             copy = torch.einsum("bthwnj,bhwnjd->bthwd", attn, _windows(refs.pixels, self.window, 1))
         else:  # every frame copies from its own warp of the references
