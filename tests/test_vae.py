@@ -311,6 +311,20 @@ def test_copy_logit_scale_sharpens_the_copy_to_the_same_cell():
     assert (decoded[1.0] - same_cell).abs().mean() > 0.05  # the default's soft copy blurs a random reference
 
 
+def test_hard_copy_gate_picks_the_copy_or_the_drawing_and_still_learns():
+    """With ``copy_gate_hard`` every output value is exactly the copy or the decoder's own drawing (no blend), the gate
+    reads 0 or 1, and the pixel loss still reaches the gate's weights (straight-through)."""
+    vae = _vae(copy_gate_hard=True).train()
+    with torch.no_grad():
+        vae.decoder.copy_head.to_gate.weight.normal_(0, 0.5)  # some values open, some shut
+    out = vae(_video(frames=9), _refs(k=1))
+    assert set(out.copy_gate.unique().tolist()) == {0.0, 1.0}
+    picked = torch.where(out.copy_gate > 0.5, out.copy, out.estimate)
+    torch.testing.assert_close(out.recon, picked, rtol=0, atol=1e-6)
+    (out.recon - _video(frames=9)).abs().mean().backward()
+    assert vae.decoder.copy_head.to_gate.weight.grad.abs().sum() > 0
+
+
 def test_copy_logit_scale_must_be_positive():
     with pytest.raises(ValueError, match="copy_logit_scale must be > 0"):
         VAEConfig.from_preset("tiny", copy_logit_scale=0.0)
@@ -380,7 +394,7 @@ def test_chunked_decode_with_a_warping_copy_equals_one_shot(chunks):
 
 
 def test_copy_refinements_need_the_copy_head():
-    for name in ("copy_warp", "copy_gate_motion"):
+    for name in ("copy_warp", "copy_gate_motion", "copy_gate_hard"):
         with pytest.raises(ValueError, match=f"VAEConfig.{name}.*reference_copy: true"):
             VAEConfig.from_preset("tiny", reference_copy=False, **{name: True})
 

@@ -121,6 +121,10 @@ class VAEConfig:
     # The copy head's window logits (its query-key scores and offset prior) times this: above 1 the copy comes from
     # fewer reference cells, sharper (a softmax over the 5x5 window blurs the reference: docs/vae.md, row am).
     copy_logit_scale: float = 1.0
+    # The copy gate rounded to 0 or 1 in the forward pass, its sigmoid's gradient in the backward (straight-through,
+    # Bengio et al. 2013): every output value is either the copy or the decoder's drawing, never a blend of the two
+    # (a blending gate mixes the drawing's noise into a sharp copy: docs/vae.md, rows am-ao).
+    copy_gate_hard: bool = False
     head_dim: int = 24
     temporal_kernel: int = 3
     # DC-AE / paper 002 residual auto-encoding: the non-parametric space/time-to-channel shortcuts beside every
@@ -167,7 +171,7 @@ class VAEConfig:
             )
         if self.local_window < 1 or self.local_window % 2 == 0:
             raise ValueError(f"VAEConfig.local_window must be odd and >= 1, got {self.local_window}")
-        for name in ("copy_gate_motion", "copy_warp"):
+        for name in ("copy_gate_motion", "copy_warp", "copy_gate_hard"):
             if getattr(self, name) and not self.reference_copy:
                 raise ValueError(f"VAEConfig.{name} refines the reference copy head: set reference_copy: true too")
         if not self.copy_logit_scale > 0:
@@ -623,7 +627,7 @@ class ReferenceCopyHead(nn.Module):
     def __init__(self, dim: int, pixel_channels: int, cfg: VAEConfig) -> None:
         super().__init__()
         self.window, self.patch_size = cfg.local_window, cfg.patch_size
-        self.logit_scale = cfg.copy_logit_scale
+        self.logit_scale, self.hard_gate = cfg.copy_logit_scale, cfg.copy_gate_hard
         self.norm = ChannelRMSNorm(dim, cfg.norm_eps)
         self.norm_ref = ChannelRMSNorm(dim, cfg.norm_eps)
         self.to_q = nn.Linear(dim, dim)
@@ -677,7 +681,10 @@ class ReferenceCopyHead(nn.Module):
         cues = [feats, diff, diff.abs()]
         if motion is not None:
             cues.append(rearrange(motion, "b p t h w -> b t h w p").abs())
-        gate = torch.sigmoid(self.to_gate(torch.cat(cues, dim=-1))) * usable[..., 0]
+        gate = torch.sigmoid(self.to_gate(torch.cat(cues, dim=-1)))
+        if self.hard_gate:  # the value in the forward pass is the rounded gate, the gradient the sigmoid's
+            gate = gate + ((gate > 0.5).to(gate.dtype) - gate).detach()
+        gate = gate * usable[..., 0]
         blend = blend + gate * diff
         blend, copy, gate = (rearrange(a, "b t h w p -> b p t h w") for a in (blend, copy, gate))
         return blend, copy, gate
