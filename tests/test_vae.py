@@ -262,14 +262,21 @@ def test_local_reference_attention_reads_the_window_cell_it_prefers(offset):
                 torch.testing.assert_close(out[0, :, :, y, xx], torch.full((c, 2), 0.5))
 
 
-def _open_centre_copy(vae: ReferenceGuidedVAE) -> None:
-    """Gate fully open, copy attention on the same cell: the decoder draws exactly what the copy carries."""
+def _open_copy_gate(vae: ReferenceGuidedVAE) -> None:
+    """Gate fully open, queries zero: the decoder draws exactly the copy, whose attention is the offset prior alone."""
     head = vae.decoder.copy_head
     with torch.no_grad():
         head.to_gate.weight.zero_()
         head.to_gate.bias.fill_(60.0)
         head.to_q.weight.zero_()
         head.to_q.bias.zero_()
+
+
+def _open_centre_copy(vae: ReferenceGuidedVAE) -> None:
+    """Gate fully open, copy attention on the same cell: the decoder draws exactly what the copy carries."""
+    _open_copy_gate(vae)
+    head = vae.decoder.copy_head
+    with torch.no_grad():
         head.offset_bias.fill_(-60.0)
         head.offset_bias[0, head.offset_bias.numel() // 2] = 60.0
 
@@ -299,12 +306,8 @@ def test_copy_logit_scale_sharpens_the_copy_to_the_same_cell():
     decoded = {}
     for scale in (1.0, 10.0):
         vae = _vae(copy_logit_scale=scale)
+        _open_copy_gate(vae)
         with torch.no_grad():
-            head = vae.decoder.copy_head
-            head.to_gate.weight.zero_()
-            head.to_gate.bias.fill_(60.0)
-            head.to_q.weight.zero_()
-            head.to_q.bias.zero_()
             decoded[scale] = vae.decode(z, refs)
     same_cell = refs[:, 0, :, None].expand_as(decoded[10.0])
     torch.testing.assert_close(decoded[10.0], same_cell, rtol=0, atol=1e-5)
