@@ -539,3 +539,19 @@ def test_changed_pixels_are_where_the_frame_left_the_reference_and_the_term_weig
     changed_l1 = ((video - clip).abs() * mask[:, None]).sum() / (mask.sum() * 3)  # mean over the changed values
     direct = plain.pixel_losses(batch, video, clip)[0] + 0.5 * changed_l1
     assert nll.item() == pytest.approx(direct.item(), rel=1e-6) and "changed_l1" in logs
+
+
+def test_validation_metrics_are_float32_under_bf16_autocast():
+    """bf16-mixed validation runs the stage under autocast; SSIM's local variances (E[x^2] - E[x]^2) must still be
+    computed in float32 (in bf16 they cancel: a 0.95-SSIM pair read 0.98, and training logs went negative)."""
+    stage = VAEStage(disc_weight=0.0, lpips_weight=0.0, export_dir="unused")
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 4, 64, 64, generator=g) * 0.4
+    recon = target + 0.04 * torch.randn(2, 3, 4, 64, 64, generator=g)
+    exact = stage.reconstruction_metrics(recon, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = stage.reconstruction_metrics(recon.bfloat16(), target)
+    assert exact["ssim"] < 0.97
+    for name in ("psnr", "ssim"):
+        assert mixed[name].dtype == torch.float32
+        torch.testing.assert_close(mixed[name], exact[name], rtol=0, atol=2e-3)

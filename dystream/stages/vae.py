@@ -419,7 +419,13 @@ class VAEStage(L.LightningModule):
             self._log_videos(clip, out.recon)
 
     def reconstruction_metrics(self, recon: Tensor, target: Tensor, lpips: bool = True) -> dict[str, Tensor]:
-        """PSNR (per clip, then averaged), SSIM (per frame) and LPIPS of videos in [-1, 1]."""
+        """PSNR (per clip, then averaged), SSIM (per frame) and LPIPS of videos in [-1, 1], in float32 whatever the
+        training precision: SSIM's local variances (E[x^2] - E[x]^2) cancel catastrophically in bf16, and under
+        bf16-mixed autocast its Gaussian filter ran in bf16: val/ssim read -0.16 for a VAE scoring 0.82."""
+        with torch.autocast(recon.device.type, enabled=False):
+            return self._reconstruction_metrics(recon.float(), target.float(), lpips)
+
+    def _reconstruction_metrics(self, recon: Tensor, target: Tensor, lpips: bool) -> dict[str, Tensor]:
         pred, real = (recon.clamp(-1, 1) + 1) / 2, (target + 1) / 2
         frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # noqa: E731  [B, 3, T, H, W] -> [B*T, 3, H, W]
         out = {
