@@ -541,6 +541,45 @@ def test_changed_pixels_are_where_the_frame_left_the_reference_and_the_term_weig
     assert nll.item() == pytest.approx(direct.item(), rel=1e-6) and "changed_l1" in logs
 
 
+class _GateValues(L.Callback):
+    """Per training step: whether every copy-gate value of that step's forward pass was exactly 0 or 1."""
+
+    def __init__(self) -> None:
+        self.rounded: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        head = pl_module.vae.decoder.copy_head
+        self._hook = head.register_forward_hook(self._record)
+
+    def _record(self, module, args, output) -> None:
+        gate = output[2]
+        if gate is not None:
+            self.rounded.append(bool(((gate == 0) | (gate == 1)).all()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._hook.remove()
+
+
+def test_copy_gate_blends_for_its_soft_steps_then_is_rounded(tmp_path):
+    """``copy_gate_soft_steps: 2`` with a rounded gate: steps 0-1 blend (gate values strictly between 0 and 1 exist),
+    steps 2-3 pick the copy or the drawing; the export keeps the rounded gate."""
+    stage = VAEStage(architecture={"reference_copy": True, "copy_gate_hard": True}, copy_gate_soft_steps=2,
+                     disc_weight=0.0, lpips_weight=0.0, min_references=1, max_references=1,
+                     export_dir=str(tmp_path))  # fmt: skip
+    with torch.no_grad():
+        stage.vae.decoder.copy_head.to_gate.weight.normal_(0.0, 0.5)  # a gate that varies over the frame
+    gates = _GateValues()
+    _trainer(tmp_path, 4, callbacks=[gates]).fit(stage, _loader(_batch(size=32), 4))
+    assert gates.rounded == [False, False, True, True]
+    loaded = load_model(stage.export(), arch="vae")
+    assert loaded.config.copy_gate_hard
+
+
+def test_copy_gate_soft_steps_need_a_rounded_gate():
+    with pytest.raises(ValueError, match="copy_gate_soft_steps=10 needs a rounded copy gate.*copy_gate_hard: true"):
+        VAEStage(architecture={"reference_copy": True}, copy_gate_soft_steps=10)
+
+
 def test_validation_metrics_are_float32_under_bf16_autocast():
     """bf16-mixed validation runs the stage under autocast; SSIM's local variances (E[x^2] - E[x]^2) must still be
     computed in float32 (in bf16 they cancel: a 0.95-SSIM pair read 0.98, and training logs went negative)."""

@@ -119,6 +119,11 @@ class VAEStage(L.LightningModule):
             0 = off. The pixel loss reaches the copy only where the gate is open, so where the body has moved and
             the gate closed, the copy's window attention and its warp (``copy_warp``) get no gradient to follow it
             (docs/vae.md, row ag); this term teaches them the correspondence everywhere.
+        copy_gate_soft_steps: with ``architecture: {copy_gate_hard: true}``, the steps over which the copy gate
+            still blends (its sigmoid, as without the option) before it is rounded to 0 or 1 for the rest of training
+            and in the export. Rounded from the first step, the gate opens on only half the pixels that the
+            reference shows (docs/vae.md, row aq): it has not yet learned where the copy is right. 0 = rounded from
+            the start.
         kl_weight: weight of the KL term, averaged over latent elements.
         disc_weight: scale of LDM's adaptive GAN weight (``disc_weighting: adaptive``) or the adversarial term's
             weight itself (``fixed``); 0 disables the discriminator.
@@ -170,6 +175,7 @@ class VAEStage(L.LightningModule):
         gate_weight: NonNegativeFloat = 0.0,
         gate_tolerance: PositiveFloat = 0.1,
         copy_weight: NonNegativeFloat = 0.0,
+        copy_gate_soft_steps: NonNegativeInt = 0,
         kl_weight: NonNegativeFloat = 1e-4,
         disc_weight: NonNegativeFloat = 0.05,
         disc_start: NonNegativeInt = 2000,
@@ -199,6 +205,11 @@ class VAEStage(L.LightningModule):
             raise ValueError(
                 f"VAEStage.architecture: {e}; the fields are those of dystream.models.vae.VAEConfig"
             ) from e
+        if copy_gate_soft_steps > 0 and not config.copy_gate_hard:
+            raise ValueError(
+                f"VAEStage.copy_gate_soft_steps={copy_gate_soft_steps} needs a rounded copy gate: add "
+                "architecture: {copy_gate_hard: true} (or set copy_gate_soft_steps: 0)"
+            )
         self.vae = ReferenceGuidedVAE(config)
         self.disc = PatchDiscriminator3D(DiscriminatorConfig.from_preset(discriminator_preset)) if disc_weight else None
         # LPIPS is a frozen loss network loaded from a file: kept out of the module tree so it is
@@ -338,6 +349,15 @@ class VAEStage(L.LightningModule):
         logs["kl"] = kl.detach()
         return nll + self.hparams.kl_weight * kl, nll, clip, out, logs
 
+    def _round_copy_gate_from_now(self) -> None:
+        """The copy gate blends for the first ``copy_gate_soft_steps`` steps and is rounded from then on."""
+        head = self.vae.decoder.copy_head
+        if head is not None and self.vae.config.copy_gate_hard:
+            head.hard_gate = self.global_step >= self.hparams.copy_gate_soft_steps
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._round_copy_gate_from_now()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         hp = self.hparams
         optimizers = self.optimizers()
@@ -400,6 +420,7 @@ class VAEStage(L.LightningModule):
         return min(self.hparams.max_references if k is None else k, available)
 
     def on_validation_epoch_start(self) -> None:
+        self._round_copy_gate_from_now()  # validation scores the gate that training is using now
         self._stats = torch.zeros(3, self.vae.config.latent_channels, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
