@@ -12,6 +12,8 @@ from dystream.models.vae import (
     DiscriminatorConfig,
     LocalReferenceAttention,
     PatchDiscriminator3D,
+    ReferenceCopyHead,
+    ReferenceFeatures,
     ReferenceGuidedVAE,
     VAEConfig,
 )
@@ -260,6 +262,61 @@ def test_local_reference_attention_reads_the_window_cell_it_prefers(offset):
                 torch.testing.assert_close(out[0, :, :, y, xx], values[0, :, sy, sx, None].expand(c, 2))
             else:  # the preferred cell is the zero padding, which is excluded: the null token (logit 0) wins
                 torch.testing.assert_close(out[0, :, :, y, xx], torch.full((c, 2), 0.5))
+
+
+def _window_attention_by_loops(q, keys, values, prior, mask, window, logit_scale=1.0, null=None):
+    """The window attention written out place by place: q ``[T, h, w, d]`` (one head), keys/values ``[K, d|p, h, w]``,
+    prior ``[w^2]``, mask ``[K]``; null ``(key, value)`` or None. Returns ``[T, h, w, p]``."""
+    t, h, w, d = q.shape
+    r = window // 2
+    out = torch.zeros(t, h, w, values.shape[1])
+    for y in range(h):
+        for x in range(w):
+            ks, vs, bias = [], [], []
+            if null is not None:
+                ks.append(null[0]), vs.append(null[1]), bias.append(torch.tensor(0.0))
+            for k in range(keys.shape[0]):
+                for j, (dy, dx) in enumerate((dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)):
+                    if mask[k] and 0 <= y + dy < h and 0 <= x + dx < w:
+                        ks.append(keys[k, :, y + dy, x + dx]), vs.append(values[k, :, y + dy, x + dx])
+                        bias.append(prior[j])
+            logits = logit_scale * (q[:, y, x] @ torch.stack(ks).T * d**-0.5 + torch.stack(bias))
+            out[:, y, x] = logits.softmax(-1) @ torch.stack(vs)
+    return out
+
+
+@pytest.mark.parametrize("mask", [[True, True], [False, True]])
+def test_window_attentions_match_a_loop_over_places(mask):
+    """The local reference attention (with its null token) and the copy head's window attention (with its logit
+    scale) against the same attention written out place by place: random weights, two references (one masked in the
+    second case), the frame borders inside the window."""
+    torch.manual_seed(0)
+    cfg = VAEConfig.from_preset("tiny", copy_logit_scale=3.0)
+    c, t, h, w = 24, 3, 5, 6
+    x, refs = torch.randn(1, c, t, h, w), torch.randn(1, 2, c, h, w)
+    mask_t = torch.tensor([mask])
+    block = LocalReferenceAttention(c, cfg)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        out = (block(x, refs, mask_t) - x)[0]  # [C, T, h, w]
+        q = block.to_q(block.norm(x)[0].permute(1, 2, 3, 0))  # [T, h, w, C]
+        keys, values = block.to_kv(block.norm_ref(refs[0])).chunk(2, dim=1)  # [K, C, h, w]
+        expected = _window_attention_by_loops(
+            q, keys, values, block.offset_bias[0], mask, cfg.local_window, null=tuple(block.null_kv)
+        )
+        torch.testing.assert_close(out, block.to_out(expected).permute(3, 0, 1, 2), rtol=1e-4, atol=1e-5)
+
+    head = ReferenceCopyHead(c, 12, cfg)
+    pixels = torch.randn(1, 2, 12, h, w)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        _, copy, _ = head(x, torch.randn(1, 12, t, h, w), ReferenceFeatures({0: refs}, mask_t, pixels))
+        q = head.to_q(head.norm(x)[0].permute(1, 2, 3, 0))
+        keys = head.to_k(head.norm_ref(refs[0]))
+        expected = _window_attention_by_loops(q, keys, pixels[0], head.offset_bias[0], mask, cfg.local_window, 3.0)
+        torch.testing.assert_close(copy[0], expected.permute(3, 0, 1, 2), rtol=1e-4, atol=1e-5)
 
 
 def _open_copy_gate(vae: ReferenceGuidedVAE) -> None:
