@@ -594,3 +594,62 @@ def test_validation_metrics_are_float32_under_bf16_autocast():
     for name in ("psnr", "ssim"):
         assert mixed[name].dtype == torch.float32
         torch.testing.assert_close(mixed[name], exact[name], rtol=0, atol=2e-3)
+
+
+def test_shut_gate_loss_is_the_cross_entropy_against_the_drawing_inside_the_region():
+    from dystream.objectives.vae import shut_gate_loss
+
+    g = torch.Generator().manual_seed(0)
+    gate = torch.rand(2, 3, 4, 8, 8, generator=g)
+    region = torch.zeros(2, 4, 8, 8, dtype=torch.bool)
+    region[:, 1:, 2:4, 3:6] = True
+    inside = gate.permute(0, 2, 3, 4, 1)[region]  # [N, 3]
+    torch.testing.assert_close(shut_gate_loss(gate, region), -(1 - inside).log().mean())
+    outside_changed = torch.where(region[:, None], gate, torch.ones_like(gate) * 0.999)
+    torch.testing.assert_close(shut_gate_loss(outside_changed, region), shut_gate_loss(gate, region))
+    assert shut_gate_loss(gate, torch.zeros_like(region)) == 0.0
+    with pytest.raises(ValueError, match="region must be"):
+        shut_gate_loss(gate, region[:, :2])
+
+
+def test_mouth_gate_term_shuts_the_copy_gate_over_the_lips_only(tmp_path):
+    """``mouth_gate_weight`` adds the cross-entropy of the gate against 0 over the lips' boxes. The gate opened wide,
+    then a few steps of the whole objective with and without the term: with it the gate shuts over the lips. Without
+    keypoints the stage says what is missing."""
+    from dystream.datamodules.keypoints import MOUTH, NUM_KEYPOINTS
+    from dystream.objectives.vae import shut_gate_loss
+
+    batch = _batch(t=4, size=32)
+    kpts = torch.zeros(2, 4, NUM_KEYPOINTS, 3)
+    n = MOUTH.stop - MOUTH.start
+    kpts[:, :, MOUTH, 0] = torch.linspace(12.0, 20.0, n)
+    kpts[:, :, MOUTH, 1] = torch.linspace(18.0, 22.0, n)
+    kpts[:, :, MOUTH, 2] = 1.0
+    batch["kpts"] = kpts
+    gates = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        stage = VAEStage(architecture={"reference_copy": True}, mouth_gate_weight=weight, disc_weight=0.0,
+                         lpips_weight=0.0, min_references=1, max_references=1, export_dir=str(tmp_path))  # fmt: skip
+        clip, guidance = stage.clip_and_references(batch, 1)
+        lips = stage.region_mask(batch, clip, (MOUTH,), stage.hparams.mouth_pad) > 0
+        out = stage.vae(clip, guidance, sample=False)
+        nll, logs = stage.reconstruction_nll(batch, out, clip)
+        expected = stage.pixel_losses(batch, out.recon, clip)[0] + weight * shut_gate_loss(out.copy_gate, lips)
+        assert nll.item() == pytest.approx(expected.item(), rel=1e-6) and ("mouth_gate_bce" in logs) == (weight > 0)
+        with torch.no_grad():
+            stage.vae.decoder.copy_head.to_gate.bias.fill_(2.0)  # open everywhere (0.88)
+        opt = torch.optim.Adam(stage.vae.decoder.copy_head.to_gate.parameters(), lr=5e-2)
+        for _ in range(40):
+            loss = stage.reconstruction_nll(batch, stage.vae(clip, guidance, sample=False), clip)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        gates[weight] = stage.vae(clip, guidance, sample=False).copy_gate.mean(1).detach()  # [B, T, H, W]
+    assert gates[1.0][lips].mean() < 0.05 < 0.2 < gates[0.0][lips].mean()
+    # here a linear gate on an untrained decoder's features cannot single the lips out, so it also closes
+    # elsewhere, but an order of magnitude less
+    assert gates[1.0][~lips].mean() > 10 * gates[1.0][lips].mean()
+    del batch["kpts"]
+    with pytest.raises(KeyError, match="mouth_gate_weight > 0 needs keypoints"):
+        stage.reconstruction_nll(batch, out, clip)

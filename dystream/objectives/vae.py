@@ -38,6 +38,7 @@ __all__ = [
     "keypoint_box_mask",
     "kl_loss",
     "l1_loss",
+    "shut_gate_loss",
     "lpips_video",
     "region_l1_loss",
 ]
@@ -110,6 +111,19 @@ def edge_l1_loss(recon: Tensor, target: Tensor) -> Tensor:
         raise ValueError(f"edge_l1_loss: recon {tuple(recon.shape)} and target {tuple(target.shape)} must match, 5-D")
     error = recon - target
     return error.diff(dim=-1).abs().mean() + error.diff(dim=-2).abs().mean()
+
+
+def shut_gate_loss(gate: Tensor, region: Tensor) -> Tensor:
+    """Mean binary cross-entropy of the copy gate ``[B, C, T, H, W]`` against 0 (the decoder's own drawing) over the
+    pixels (all channels) where ``region [B, T, H, W]`` is set; 0 if empty."""
+    if gate.ndim != 5 or region.shape != (gate.shape[0], *gate.shape[2:]):
+        raise ValueError(
+            f"shut_gate_loss: region must be [B, T, H, W] = {(gate.shape[0], *gate.shape[2:])}, got "
+            f"{tuple(region.shape)} for a gate of {tuple(gate.shape)}"
+        )
+    weight = region[:, None].to(gate.dtype)
+    nll = -torch.log1p(-gate.clamp(max=1 - 1e-6))
+    return (nll * weight).sum() / (weight.sum() * gate.shape[1]).clamp_min(1.0)
 
 
 def copy_gate_loss(gate: Tensor, copy: Tensor, target: Tensor, tolerance: float) -> Tensor:

@@ -59,6 +59,7 @@ from dystream.objectives.vae import (
     l1_loss,
     lpips_video,
     region_l1_loss,
+    shut_gate_loss,
 )
 from dystream.scale import exports_during_training
 from dystream.stages.common import LRSchedule, adamw, warmup_scheduler
@@ -114,6 +115,10 @@ class VAEStage(L.LightningModule):
         gate_weight: weight of the binary cross-entropy between the copy head's gate and where its copy is right
             (within ``gate_tolerance`` of the real pixel); 0 = off. The pixel loss alone leaves the gate open over a
             moving arm that the decoder draws faint (docs/vae.md, row ab).
+        mouth_gate_weight: weight of a cross-entropy that shuts the copy head's gate (towards the decoder's own
+            drawing) over each frame's mouth box (``mouth_pad``); 0 = off. A speaking mouth is rarely the reference
+            image's: a gate half open over the lips (0.66 in docs/vae.md, row an) blends the reference's mouth into
+            the drawn one. Training only (needs keypoints); the gate learns to read the lips off the features.
         gate_tolerance: largest ``|copy - real|`` (pixels in [-1, 1]) at which the copy counts as right.
         copy_weight: weight of an L1 between the copy head's copy itself (before the gate) and the real frames;
             0 = off. The pixel loss reaches the copy only where the gate is open, so where the body has moved and
@@ -174,6 +179,7 @@ class VAEStage(L.LightningModule):
         edge_weight: NonNegativeFloat = 0.0,
         gate_weight: NonNegativeFloat = 0.0,
         gate_tolerance: PositiveFloat = 0.1,
+        mouth_gate_weight: NonNegativeFloat = 0.0,
         copy_weight: NonNegativeFloat = 0.0,
         copy_gate_soft_steps: NonNegativeInt = 0,
         kl_weight: NonNegativeFloat = 1e-4,
@@ -245,20 +251,23 @@ class VAEStage(L.LightningModule):
         guidance = refs[:, 1 : 1 + k] if k > 0 else None
         return clip, guidance
 
+    def region_mask(self, batch: dict[str, Any], clip: Tensor, groups: tuple[slice, ...], pad: float) -> Tensor:
+        """``[B, T, H, W]``: each frame's boxes around keypoint ``groups`` (frame 0 is the reference: no box)."""
+        kpts = batch.get("kpts")
+        if kpts is None:
+            raise KeyError(
+                "VAEStage: face_weight, mouth_weight, hands_weight or mouth_gate_weight > 0 needs keypoints in the "
+                "batch ('kpts', the shards' KEY.kpts.npy); set them to 0 for data without keypoints"
+            )
+        h, w = clip.shape[-2:]
+        region = torch.stack([keypoint_box_mask(kpts, g, h, w, pad=pad) for g in groups]).amax(0)  # [B, T, H, W]
+        return torch.cat([torch.zeros_like(region[:, :1]), region], dim=1)  # the reference frame: no box
+
     def region_l1(
         self, batch: dict[str, Any], recon: Tensor, clip: Tensor, groups: tuple[slice, ...], pad: float
     ) -> Tensor:
         """Mean L1 inside each frame's boxes around keypoint ``groups`` (``clip`` frame 0 is the reference: no box)."""
-        kpts = batch.get("kpts")
-        if kpts is None:
-            raise KeyError(
-                "VAEStage: face_weight, mouth_weight or hands_weight > 0 needs keypoints in the batch ('kpts', the "
-                "shards' KEY.kpts.npy); set them to 0 for data without keypoints"
-            )
-        h, w = clip.shape[-2:]
-        region = torch.stack([keypoint_box_mask(kpts, g, h, w, pad=pad) for g in groups]).amax(0)  # [B, T, H, W]
-        region = torch.cat([torch.zeros_like(region[:, :1]), region], dim=1)  # the reference frame: no box
-        return region_l1_loss(recon, clip, region)
+        return region_l1_loss(recon, clip, self.region_mask(batch, clip, groups, pad))
 
     def face_l1(self, batch: dict[str, Any], recon: Tensor, clip: Tensor) -> Tensor:
         """Mean L1 inside the face boxes of the window's frames."""
@@ -332,6 +341,11 @@ class VAEStage(L.LightningModule):
             gate = copy_gate_loss(out.copy_gate, out.copy, clip, self.hparams.gate_tolerance)
             nll = nll + self.hparams.gate_weight * gate
             logs["copy_gate_bce"] = gate.detach()
+        if self.hparams.mouth_gate_weight > 0 and out.copy_gate is not None:
+            lips = self.region_mask(batch, clip, (MOUTH,), self.hparams.mouth_pad)
+            shut = shut_gate_loss(out.copy_gate, lips)
+            nll = nll + self.hparams.mouth_gate_weight * shut
+            logs["mouth_gate_bce"] = shut.detach()
         if self.hparams.copy_weight > 0 and out.copy is not None:
             copy_l1 = l1_loss(out.copy, clip)
             nll = nll + self.hparams.copy_weight * copy_l1
