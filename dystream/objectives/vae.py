@@ -38,9 +38,9 @@ __all__ = [
     "keypoint_box_mask",
     "kl_loss",
     "l1_loss",
-    "shut_gate_loss",
     "lpips_video",
     "region_l1_loss",
+    "shut_gate_loss",
 ]
 
 

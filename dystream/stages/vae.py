@@ -117,8 +117,9 @@ class VAEStage(L.LightningModule):
             moving arm that the decoder draws faint (docs/vae.md, row ab).
         mouth_gate_weight: weight of a cross-entropy that shuts the copy head's gate (towards the decoder's own
             drawing) over each frame's mouth box (``mouth_pad``); 0 = off. A speaking mouth is rarely the reference
-            image's: a gate half open over the lips (0.66 in docs/vae.md, row an) blends the reference's mouth into
-            the drawn one. Training only (needs keypoints); the gate learns to read the lips off the features.
+            image's: a gate half open over the lips (0.66 in docs/vae.md, row an') blends the reference's mouth into
+            the drawn one. Training only (needs keypoints). Measured (rows au, av): Sync-C rises, but the gate also
+            closes beyond the lips and PSNR, HF and r in speech fall; not in the default.
         gate_tolerance: largest ``|copy - real|`` (pixels in [-1, 1]) at which the copy counts as right.
         copy_weight: weight of an L1 between the copy head's copy itself (before the gate) and the real frames;
             0 = off. The pixel loss reaches the copy only where the gate is open, so where the body has moved and
@@ -128,7 +129,8 @@ class VAEStage(L.LightningModule):
             still blends (its sigmoid, as without the option) before it is rounded to 0 or 1 for the rest of training
             and in the export. Rounded from the first step, the gate opens on only half the pixels that the
             reference shows (docs/vae.md, row aq): it has not yet learned where the copy is right. 0 = rounded from
-            the start.
+            the start. Measured (rows ar-at): after a soft start the rounded gate's logits still collapse to the
+            threshold and the gate again opens on about half of those pixels; not in the default.
         kl_weight: weight of the KL term, averaged over latent elements.
         disc_weight: scale of LDM's adaptive GAN weight (``disc_weighting: adaptive``) or the adversarial term's
             weight itself (``fixed``); 0 disables the discriminator.
