@@ -82,8 +82,14 @@ def region_l1_loss(recon: Tensor, target: Tensor, region: Tensor) -> Tensor:
     b, c, t, h, w = recon.shape
     if region.shape != (b, t, h, w):
         raise ValueError(f"region_l1_loss: region must be [B, T, H, W] = {(b, t, h, w)}, got {tuple(region.shape)}")
-    weight = region[:, None].to(recon.dtype)
-    return ((recon - target).abs() * weight).sum() / (weight.sum() * c).clamp_min(1.0)
+    return _region_mean((recon - target).abs(), region)
+
+
+def _region_mean(values: Tensor, region: Tensor) -> Tensor:
+    """Mean of ``values [B, C, T, H, W]`` over the pixels (all channels) where ``region [B, T, H, W]`` is set; 0 if
+    empty."""
+    weight = region[:, None].to(values.dtype)
+    return (values * weight).sum() / (weight.sum() * values.shape[1]).clamp_min(1.0)
 
 
 def changed_pixels(clip: Tensor, threshold: float) -> Tensor:
@@ -121,9 +127,7 @@ def shut_gate_loss(gate: Tensor, region: Tensor) -> Tensor:
             f"shut_gate_loss: region must be [B, T, H, W] = {(gate.shape[0], *gate.shape[2:])}, got "
             f"{tuple(region.shape)} for a gate of {tuple(gate.shape)}"
         )
-    weight = region[:, None].to(gate.dtype)
-    nll = -torch.log1p(-gate.clamp(max=1 - 1e-6))
-    return (nll * weight).sum() / (weight.sum() * gate.shape[1]).clamp_min(1.0)
+    return _region_mean(-torch.log1p(-gate.clamp(max=1 - 1e-6)), region)
 
 
 def copy_gate_loss(gate: Tensor, copy: Tensor, target: Tensor, tolerance: float) -> Tensor:
