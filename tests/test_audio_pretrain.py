@@ -231,3 +231,38 @@ def test_audio_probe_scores_linear_targets_high_and_noise_near_zero():
     assert logistic_accuracy(x_train, (x_train @ w > 0).astype(float), x_test, (x_test @ w > 0).astype(float)) > 0.95
     coin = logistic_accuracy(x_train, rng.integers(0, 2, 400).astype(float), x_test, rng.integers(0, 2, 200) * 1.0)
     assert 0.3 < coin < 0.7
+
+
+def test_windowed_features_equal_direct_indexing():
+    from dystream.bench.audio_probe import windowed
+
+    feats = np.random.default_rng(1).standard_normal((11, 3))
+    for lo, hi in ((0, 0), (-3, 5), (-16, 5), (2, 4)):
+        out = windowed(feats, lo, hi)
+        for t in range(11):
+            direct = [feats[t + k] if 0 <= t + k < 11 else np.zeros(3) for k in range(lo, hi + 1)]
+            np.testing.assert_array_equal(out[t], np.concatenate(direct))
+
+
+def test_reaction_probe_finds_a_lagged_answer_only_with_a_window_that_reaches_it():
+    """A listener that reacts 7 frames after the partner's sound: explained by frames t-8..t+5, not by frame t."""
+    from dystream.bench.audio_probe import reaction_probe
+
+    class FrameEnergy(torch.nn.Module):  # stands in for the audio encoder: [1, T * 640] -> [1, T, 2]
+        def forward(self, wave):
+            frames = wave.reshape(1, -1, 640)
+            return torch.stack([frames.mean(-1), frames.abs().mean(-1)], -1)
+
+    rng = np.random.default_rng(0)
+
+    def clip():
+        t = 60
+        level = rng.standard_normal(t)
+        partner = np.repeat(level, 640).astype(np.float32)
+        reaction = np.concatenate([np.zeros(7), level[:-7]])
+        return dict(partner=partner, mask=np.zeros(t), reaction=reaction)
+
+    r2 = reaction_probe(FrameEnergy(), [clip() for _ in range(12)], [clip() for _ in range(4)])
+    assert r2["listener's reaction R² from partner frames t-8..t+5"] > 0.95
+    assert r2["listener's reaction R² from partner frames t+0..t+0"] < 0.1
+    assert r2["listener's reaction R² from partner frames t-3..t+5"] < 0.1

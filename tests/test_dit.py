@@ -75,6 +75,8 @@ def _stream(model: AvatarDiT, x, sigma, talk, listen, denoise_steps: int = 0):
         ({"rapr": False, "window_frames": None}, 3),  # plain block-causal, no eviction
         ({"rapr": False, "attention_backend": "flex"}, 3),  # flex is CUDA-only: on CPU the SDPA path runs
         ({"patch_size": (1, 4, 4), "in_channels": 4, "out_channels": 4}, 6),  # 4x4 patches on tiny-f4 latents
+        ({"audio_lookbehind_frames": 8}, 4),  # chunks hear 8 frames of the previous chunk's audio
+        ({"audio_lookbehind_frames": 13, "window_frames": 3, "rapr_max_distance": 7}, 5),  # further than a chunk
     ],
 )
 def test_streaming_equals_block_causal_forward(overrides, n_chunks):
@@ -167,6 +169,26 @@ def test_future_audio_beyond_lookahead_does_not_change_earlier_frames():
             chunk_start = end - cfg.chunk_frames + 1
             assert torch.equal(out[:, :, :chunk_start], base[:, :, :chunk_start])
             assert not torch.allclose(out[:, :, end], base[:, :, end])
+
+
+@pytest.mark.parametrize("behind, ahead", [(0, 2), (5, 2), (8, 0)])
+def test_each_latent_frame_hears_exactly_its_audio_window(behind, ahead):
+    """One block: the audio attention's update of latent frame i (own video frames 4(i-1) .. 4i-1) reaches only that
+    frame's output, so a change of video frame v's audio moves exactly the frames whose window
+    4(i-1) - lookbehind .. 4i-1 + lookahead holds v (the look-behind of the first frames is silence)."""
+    model = _model(num_layers=1, audio_lookbehind_frames=behind, audio_lookahead_frames=ahead)
+    x, sigma, talk, listen = _inputs(model.config, 3)
+    f = x.shape[2]
+    with torch.no_grad():
+        base = model(x, sigma, talk, listen, attention="bidirectional")
+        for v in (0, 5, 13, 4 * (f - 1) - 1):
+            for which in ("talk", "listen"):
+                t2, l2 = talk.clone(), listen.clone()
+                (t2 if which == "talk" else l2)[:, v] += 3.0
+                out = model(x, sigma, t2, l2, attention="bidirectional")
+                moved = {i for i in range(f) if not torch.allclose(out[:, :, i], base[:, :, i], atol=1e-6)}
+                hears = {i for i in range(1, f) if 4 * (i - 1) - behind <= v <= 4 * i - 1 + ahead}
+                assert moved == hears, (which, v, moved, hears)
 
 
 def test_reference_frame_gets_no_audio_update_in_bidirectional_model():

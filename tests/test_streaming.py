@@ -30,12 +30,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def nets(tmp_path_factory):
+def _exports(root, **dit_overrides):
     """Tiny networks written and read back as stage exports, DiT weights perturbed so that every path matters."""
-    root = tmp_path_factory.mktemp("exports")
     torch.manual_seed(0)
-    dit = AvatarDiT(DiTConfig.from_preset("tiny"))
+    dit = AvatarDiT(DiTConfig.from_preset("tiny", **dit_overrides))
     with torch.no_grad():  # Wan's init zeroes the head and the audio outputs
         for p in dit.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -47,6 +45,17 @@ def nets(tmp_path_factory):
         load_model(root / "vae.safetensors", "vae"),
         load_model(root / "audio.safetensors", "audio"),
     )
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    return _exports(tmp_path_factory.mktemp("exports"))
+
+
+@pytest.fixture(scope="module")
+def nets_lookbehind(tmp_path_factory):
+    """A student whose latent frames also hear 6 past video frames: each chunk reads the previous chunk's audio."""
+    return _exports(tmp_path_factory.mktemp("exports_lookbehind"), audio_lookbehind_frames=6)
 
 
 def energy_mask(audio: np.ndarray, n_frames: int) -> np.ndarray:
@@ -116,7 +125,9 @@ def test_int16_and_tensor_input_equal_float32(nets):
         np.testing.assert_array_equal(x, y)
 
 
-def test_latents_equal_student_rollout_and_frames_equal_one_shot_decode(nets):
+@pytest.mark.parametrize("which", ["nets", "nets_lookbehind"])
+def test_latents_equal_student_rollout_and_frames_equal_one_shot_decode(which, request):
+    nets = request.getfixturevalue(which)
     dit, vae, audio = nets
     own, other = _audio(1.5, seed=4)
     session = _session(nets, record=True, seed=7, threaded=False)

@@ -105,6 +105,21 @@ def test_export_writes_loadable_teacher_and_audio(vae_file, tmp_path):
     assert audio.feature_dim == stage.cond.audio_dim
 
 
+def test_dit_overrides_reach_the_export_and_the_students_built_from_it(vae_file, tmp_path):
+    from dystream.stages.stage1_sid import SiDStage
+
+    stage = TeacherStage(vae=vae_file, export_dir=str(tmp_path), dit_overrides={"audio_lookbehind_frames": 6})
+    assert stage.dit.config.audio_lookbehind_frames == 6
+    assert stage.dit.audio_proj.pos.shape[0] == 6 + 4 + stage.dit.config.audio_lookahead_frames
+    stage._loss(_batch())[0].backward()  # the whole-clip forward pads the look-behind before the first frame
+    stage.export()
+    teacher, audio = str(tmp_path / "teacher.safetensors"), str(tmp_path / "audio.safetensors")
+    sid = SiDStage(student=teacher, teacher=teacher, vae=vae_file, audio=audio)
+    assert sid.student.config.audio_lookbehind_frames == sid.teacher.config.audio_lookbehind_frames == 6
+    with pytest.raises(ValueError, match="audio_lookbehind_frames must be >= 0"):
+        TeacherStage(vae=vae_file, export_dir=str(tmp_path), dit_overrides={"audio_lookbehind_frames": -1})
+
+
 def test_export_records_the_training_shift_and_later_stages_default_to_it(vae_file, tmp_path):
     from dystream.diffusion.schedule import student_sigmas
     from dystream.stages.common import WAN_SHIFT, teacher_shift

@@ -7,7 +7,14 @@ For each encoder, the per-video-frame features of the avatar's own voice (``Audi
   labels, :func:`dystream.evaluation.mouth_voice.mouth_opening`); R² over all frames and over the speaking frames
   only (syllable-level information: the speaking mask alone explains much of the variance over all frames);
 - **speech envelope**: ridge regression onto the per-frame RMS of the voice; R²;
-- **speaking vs silent**: logistic regression onto the speaking mask; accuracy.
+- **speaking vs silent**: logistic regression onto the speaking mask; accuracy;
+- **the listener's reaction** (synthetic clips, which the generator can re-render with the partner muted,
+  :func:`dystream.datamodules.synthetic.remake_clip`): ridge regression of the face keypoints' vertical offset
+  between the clip and its muted-partner counterfactual (the nods and the attentive motion, in pixels) onto the
+  *partner's* features (``AudioEncoder(audio_other)`` x (1 - mask), as the DiT's listen condition), over the listening
+  frames; R² for windows of frames ``t + a .. t + b`` (the features of each frame in the window concatenated). The
+  DiT's latent frame hears its own 4 video frames plus the look-ahead (``t - 3 .. t + 5`` at best) and
+  ``audio_lookbehind_frames`` more before them: this row says how much of a reaction each window can explain.
 
 Features are standardised with the training clips' statistics; ridge weight ``1e-2`` per feature and frame.
 Encoders: the chain's random tiny encoder (preset ``tiny``, seed 0, what the teacher used before the audio stage)
@@ -28,10 +35,16 @@ PRETRAINED = "runs/audio/audio.safetensors"
 RIDGE = 1e-2
 
 
+REACTION_WINDOWS = ((0, 0), (-3, 5), (-8, 5), (-16, 5))  # frames t + a .. t + b of the partner's features
+
+
 def probe_data(shards: str, clips: int) -> list[dict[str, np.ndarray]]:
-    """The first ``clips`` clips of ``shards``: voice, speaking mask, mouth opening, envelope."""
+    """The first ``clips`` clips of ``shards``: voice, partner's voice, speaking mask, mouth opening, envelope, and
+    for synthetic clips the listener's reaction (face keypoints' y with the partner minus with the partner muted)."""
     from dystream.datamodules.format import frame_rms, read_shards, resolve_shards, sample_to_clip
+    from dystream.datamodules.keypoints import FACE
     from dystream.datamodules.speakervid import synthesize_default
+    from dystream.datamodules.synthetic import remake_clip
     from dystream.evaluation.keypoints import DWPOSE_134
     from dystream.evaluation.mouth_voice import mouth_opening
 
@@ -43,22 +56,55 @@ def probe_data(shards: str, clips: int) -> list[dict[str, np.ndarray]]:
         if clip.kpts is None:
             raise ValueError(f"audio probe: clip {clip.key} of {shards} has no keypoint labels (mouth opening)")
         t = clip.n_frames
-        out.append(
-            dict(
-                voice=clip.audio_self[: t * 640].astype(np.float32),
-                mask=clip.mask[:t].astype(np.float64),
-                mouth=mouth_opening(clip.kpts[:t], DWPOSE_134),
-                envelope=frame_rms(clip.audio_self, t),
-            )
+        item = dict(
+            voice=clip.audio_self[: t * 640].astype(np.float32),
+            partner=clip.audio_other[: t * 640].astype(np.float32),
+            mask=clip.mask[:t].astype(np.float64),
+            mouth=mouth_opening(clip.kpts[:t], DWPOSE_134),
+            envelope=frame_rms(clip.audio_self, t),
         )
+        if clip.meta.get("source") == "synthetic":
+            muted = remake_clip(clip.meta, t, clip.video.shape[1], partner_reactions=False)
+            item["reaction"] = (clip.kpts[:t, FACE, 1] - muted.kpts[:t, FACE, 1]).mean(1).astype(np.float64)
+        out.append(item)
         if len(out) == clips:
             break
     return out
 
 
 @torch.no_grad()
-def features(encoder: torch.nn.Module, data: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    return [encoder(torch.from_numpy(d["voice"])[None])[0].double().cpu().numpy() for d in data]
+def features(encoder: torch.nn.Module, data: list[dict[str, np.ndarray]], track: str = "voice") -> list[np.ndarray]:
+    return [encoder(torch.from_numpy(d[track])[None])[0].double().cpu().numpy() for d in data]
+
+
+def windowed(feats: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``[T, D]`` -> ``[T, (hi - lo + 1) D]``: frame t carries the features of frames ``t + lo .. t + hi``, zeros
+    outside the clip (no audio, as the DiT's padding)."""
+    t = len(feats)
+    padded = np.concatenate([np.zeros((max(-lo, 0), feats.shape[1])), feats, np.zeros((max(hi, 0), feats.shape[1]))])
+    start = max(-lo, 0) + lo
+    return np.concatenate([padded[start + k : start + k + t] for k in range(hi - lo + 1)], axis=1)
+
+
+def reaction_probe(encoder: torch.nn.Module, train: list[dict], test: list[dict]) -> dict[str, float]:
+    """R² of the listener's reaction over the listening frames from the partner's masked features, per window."""
+    if not all("reaction" in d for d in train + test):
+        return {}
+    out = {}
+    f_train, f_test = (
+        [f * (1.0 - d["mask"][: len(f), None]) for f, d in zip(features(encoder, ds, "partner"), ds, strict=True)]
+        for ds in (train, test)
+    )
+    y_train, y_test = (np.concatenate([d["reaction"] for d in ds]) for ds in (train, test))
+    l_train, l_test = (np.concatenate([d["mask"] for d in ds]) < 0.5 for ds in (train, test))
+    for lo, hi in REACTION_WINDOWS:
+        x_train = np.concatenate([windowed(f, lo, hi) for f in f_train])
+        x_test = np.concatenate([windowed(f, lo, hi) for f in f_test])
+        mu, sd = x_train.mean(0), x_train.std(0) + 1e-8
+        x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
+        r2 = ridge_r2(x_train[l_train], y_train[l_train], x_test[l_test], y_test[l_test])
+        out[f"listener's reaction R² from partner frames t{lo:+d}..t{hi:+d}"] = r2
+    return out
 
 
 def ridge_r2(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
@@ -103,6 +149,7 @@ def probe(encoder: torch.nn.Module, train: list[dict], test: list[dict]) -> dict
         "mouth opening R2 in speech": ridge_r2(f_train[speech_tr], m_tr[speech_tr], f_test[speech_te], m_te[speech_te]),
         "speech envelope R2": ridge_r2(f_train, cat["envelope"][0], f_test, cat["envelope"][1]),
         "speaking accuracy": logistic_accuracy(f_train, s_tr, f_test, s_te),
+        **reaction_probe(encoder, train, test),
     }
 
 

@@ -22,9 +22,10 @@ audio tokens, with zero-initialised output projections so a fresh model equals t
 arrive per video frame (``[B, T_video, audio_dim]``, already multiplied by the speaking mask upstream: talk =
 own x mask, listen = partner x (1 - mask)); a shared ``audio_proj`` turns each video frame into
 ``audio_tokens_per_frame`` tokens. Latent frame ``i >= 1`` covers video frames ``4(i-1) .. 4i-1`` and attends only
-to the tokens of those frames plus ``audio_lookahead_frames`` later video frames, so conditioning is causal up to
-the look-ahead; the reference frame gets no audio update. ``None`` audio (condition dropped for classifier-free
-guidance) makes the module contribute nothing. A video frame whose features are exactly zero carries no audio:
+to the tokens of those frames plus ``audio_lookahead_frames`` later video frames (and ``audio_lookbehind_frames``
+earlier ones, silence before the first), so conditioning is causal up to the look-ahead; the reference frame gets
+no audio update. ``None`` audio (condition dropped for classifier-free guidance) makes the module contribute
+nothing. A video frame whose features are exactly zero carries no audio:
 its tokens are hidden from the attention, and a latent frame with no audio in its whole window gets exactly
 zero update. So per-sample dropout by zeroing features (``dystream.objectives.flow_matching``) trains the same
 unconditional branch that ``None`` gives at sampling time, the talk module is silent while the avatar listens
@@ -40,8 +41,8 @@ Forward modes:
 * streaming: ``cache = model.new_kv_cache(batch_size)``; push the reference first as a chunk of one frame at
   sigma 0 (``model.forward_chunk(x_ref [B, C, 1, h, w], zeros [B, 1], None, None, cache)``), then chunks of C
   frames: ``v = model.forward_chunk(x_chunk, sigma_chunk [B, C], talk_chunk, listen_chunk, cache, context,
-  write_cache)``. Chunk audio covers exactly the chunk's ``4 C`` video frames plus the look-ahead
-  (``[B, 4 C + lookahead, D]``); at the end of a stream the caller pads with zero features
+  write_cache)``. Chunk audio covers exactly the look-behind, the chunk's ``4 C`` video frames and the look-ahead
+  (``[B, lookbehind + 4 C + lookahead, D]``); before the start and at the end of a stream it is zero features
   (``model.audio_window(audio, start, C)`` cuts and pads). ``write_cache=False`` attends to the cache without
   changing it (the few-step denoising of one chunk, SiD student forcing); a call with ``write_cache=True``
   attends *and then* appends this chunk's K/V (from the input it was given, e.g. the noisy last-step input) and
@@ -105,6 +106,9 @@ class DiTConfig:
     audio_dim: int = 768  # per-video-frame feature size from dystream.models.audio
     audio_tokens_per_frame: int = 4  # tokens per video frame produced by audio_proj
     audio_lookahead_frames: int = 2  # extra future video frames each latent frame may hear
+    # past video frames each latent frame also hears (a listener's nod answers the partner's phrase end 2-8 frames
+    # earlier; docs/evaluation.md, "Does the teacher hear the partner?"); zeros before the stream's start
+    audio_lookbehind_frames: int = 0
     audio_attn_dim: int | None = None  # inner width of the audio attentions; None = dim
     frames_per_latent: int = 4  # video frames per latent frame (VAE temporal stride)
     # --- block-causal student and streaming (§3.1.1, §4.1) ---
@@ -142,8 +146,9 @@ class DiTConfig:
             )
         if self.freq_dim % 2 != 0:
             raise ValueError(f"DiTConfig.freq_dim must be even, got {self.freq_dim}")
-        if self.audio_lookahead_frames < 0:
-            raise ValueError(f"DiTConfig.audio_lookahead_frames must be >= 0, got {self.audio_lookahead_frames}")
+        for name in ("audio_lookahead_frames", "audio_lookbehind_frames"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DiTConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.audio_attn_dim is not None and (self.audio_attn_dim < 1 or self.audio_attn_dim % self.head_dim != 0):
             raise ValueError(
                 f"DiTConfig.audio_attn_dim={self.audio_attn_dim} must be a positive multiple of "
@@ -174,8 +179,8 @@ class DiTConfig:
 
     @property
     def audio_window_frames(self) -> int:
-        """Video frames each latent frame hears: its own plus the look-ahead."""
-        return self.frames_per_latent + self.audio_lookahead_frames
+        """Video frames each latent frame hears: the look-behind, its own, the look-ahead."""
+        return self.audio_lookbehind_frames + self.frames_per_latent + self.audio_lookahead_frames
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> DiTConfig:
@@ -264,14 +269,15 @@ class AudioTokenizer(nn.Module):
             nn.GELU(approximate="tanh"),
             nn.Linear(cfg.dim, cfg.audio_tokens_per_frame * cfg.dim),
         )
-        # which of the window's video frames (own 0..3, then look-ahead) a token comes from
+        # which of the window's video frames (look-behind, own 0..3, look-ahead) a token comes from
         self.pos = nn.Parameter(torch.zeros(self.window, cfg.audio_tokens_per_frame, cfg.dim))
 
     def forward(self, feats: Tensor, num_latent: int) -> tuple[Tensor, Tensor]:
-        """``feats [B, 4 n + L, D]`` -> tokens ``[B, n, (4 + L) n_tok, dim]`` and ``has_audio [B, n, (4 + L) n_tok]``.
+        """``feats [B, P + 4 n + L, D]`` -> tokens ``[B, n, W n_tok, dim]`` and ``has_audio [B, n, W n_tok]``,
+        W = P + 4 + L.
 
-        Latent frame j hears video frames ``4j .. 4j + 3 + L``; a video frame has audio unless its features are
-        all exactly zero.
+        With ``feats`` starting P (look-behind) frames before the first latent frame's own, latent frame j hears
+        video frames ``4j - P .. 4j + 3 + L``; a video frame has audio unless its features are all exactly zero.
         """
         tokens = self.net(feats).unflatten(-1, (self.tokens_per_frame, -1))  # [B, T, n_tok, dim]
         windows = tokens.unfold(1, self.window, self.stride)  # [B, n, n_tok, dim, W]
@@ -481,26 +487,38 @@ class AvatarDiT(nn.Module):
         return self.text_embedding(context)
 
     def _audio_tokens(self, feats: Tensor | None, batch: int, num_latent: int, name: str, padded: bool):
-        """``feats [B, T, D]`` -> (tokens, has_audio) from :class:`AudioTokenizer`, or None (dropped / no frames)."""
+        """``feats [B, T, D]`` -> (tokens, has_audio) from :class:`AudioTokenizer`, or None (dropped / no frames).
+
+        ``padded`` (the whole-clip forward): ``feats`` start at the first generated frame and may stop short of the
+        look-ahead; the look-behind before the start and the missing look-ahead are silence. Otherwise (a chunk)
+        ``feats`` cover the look-behind, the chunk and the look-ahead exactly (:meth:`audio_window` cuts them).
+        """
         if feats is None:
             return None
         cfg = self.config
         if not cfg.audio_attention:
             raise ValueError(f"AvatarDiT: {name} given, but this model has no audio modules (audio_attention=False)")
-        want = cfg.frames_per_latent * num_latent + cfg.audio_lookahead_frames
+        behind, look = cfg.audio_lookbehind_frames, cfg.audio_lookahead_frames
         if feats.dim() != 3 or feats.shape[0] != batch or feats.shape[2] != cfg.audio_dim:
             raise ValueError(
                 f"AvatarDiT: {name} must be [B={batch}, T, audio_dim={cfg.audio_dim}], got {tuple(feats.shape)}"
             )
-        short = want - cfg.audio_lookahead_frames
-        if padded and cfg.audio_lookahead_frames and feats.shape[1] == short:
-            feats = torch.nn.functional.pad(feats, (0, 0, 0, cfg.audio_lookahead_frames))  # end of stream: silence
-        if feats.shape[1] != want:
-            allowed = f"{short} or {want}" if padded and cfg.audio_lookahead_frames else f"{want}"
+        own = cfg.frames_per_latent * num_latent
+        if padded:
+            if look and feats.shape[1] == own:
+                feats = torch.nn.functional.pad(feats, (0, 0, 0, look))  # end of stream: silence
+            if feats.shape[1] != own + look:
+                allowed = f"{own} or {own + look}" if look else f"{own}"
+                raise ValueError(
+                    f"AvatarDiT: {name} covers {feats.shape[1]} video frames, expected {allowed} "
+                    f"({cfg.frames_per_latent} per latent frame x {num_latent} latent frames + {look} look-ahead)"
+                )
+            feats = torch.nn.functional.pad(feats, (0, 0, behind, 0))  # before the stream's start: silence
+        elif feats.shape[1] != behind + own + look:
             raise ValueError(
-                f"AvatarDiT: {name} covers {feats.shape[1]} video frames, expected {allowed} "
-                f"({cfg.frames_per_latent} per latent frame x {num_latent} latent frames"
-                f" + {cfg.audio_lookahead_frames} look-ahead)"
+                f"AvatarDiT: {name} covers {feats.shape[1]} video frames, expected {behind + own + look} "
+                f"({behind} look-behind + {cfg.frames_per_latent} per latent frame x {num_latent} latent frames"
+                f" + {look} look-ahead; model.audio_window cuts it)"
             )
         if num_latent == 0:
             return None
@@ -508,22 +526,25 @@ class AvatarDiT(nn.Module):
         return self.audio_proj(feats.to(device=weight.device, dtype=weight.dtype), num_latent)
 
     def audio_window(self, audio: Tensor | None, start: int, size: int) -> Tensor | None:
-        """Cut the chunk audio for latent frames ``start .. start+size-1`` from ``audio [B, T, D]``.
+        """Cut the chunk audio for latent frames ``start .. start+size-1`` from ``audio [B, T, D]`` (the stream's
+        features from its first generated video frame on).
 
-        Returns ``[B, 4 size + lookahead, D]``, zero-padded past the end of ``audio`` (end of stream), or
-        ``None`` for the reference chunk (``start == 0``) or dropped audio.
+        Returns ``[B, lookbehind + 4 size + lookahead, D]``, zero-padded before the stream's start and past the end
+        of ``audio`` (end of stream), or ``None`` for the reference chunk (``start == 0``) or dropped audio.
         """
         if audio is None or start == 0:
             return None
         fpl, look = self.config.frames_per_latent, self.config.audio_lookahead_frames
+        behind = self.config.audio_lookbehind_frames
         lo, hi = fpl * (start - 1), fpl * (start - 1 + size)
         if hi > audio.shape[1]:
             raise ValueError(
                 f"audio_window: latent frames {start}..{start + size - 1} need video frames up to {hi - 1}, "
                 f"the audio has {audio.shape[1]}"
             )
-        chunk = audio[:, lo : hi + look]
-        return torch.nn.functional.pad(chunk, (0, 0, 0, hi + look - lo - chunk.shape[1]))
+        chunk = audio[:, max(lo - behind, 0) : hi + look]
+        before = max(behind - lo, 0)
+        return torch.nn.functional.pad(chunk, (0, 0, before, behind + hi + look - lo - before - chunk.shape[1]))
 
     # ---------------------------------------------------------------------------------------------- core
     def _embed_time(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -644,7 +665,8 @@ class AvatarDiT(nn.Module):
         Args:
             x: ``[B, C_in, n, h, w]``: the reference (n = 1) when the cache is empty, else a chunk of C frames.
             sigma: ``[B, n]`` noise levels.
-            audio_talk, audio_listen: ``[B, 4 n + lookahead, audio_dim]`` or None; must be None for the reference.
+            audio_talk, audio_listen: ``[B, lookbehind + 4 n + lookahead, audio_dim]`` (:meth:`audio_window`) or
+                None; must be None for the reference.
             cache: the stream's :class:`KVCache` (from :meth:`new_kv_cache`).
             context: text context as in :meth:`forward`.
             write_cache: after the forward, append this chunk's K/V and advance the stream.

@@ -52,6 +52,8 @@ class TeacherStage(L.LightningModule):
         audio_seed: seed of a preset's initialisation when no weights are given.
         dit_preset: AvatarDiT preset; latent channels and audio width are taken from the VAE and
             the audio encoder, not repeated here.
+        dit_overrides: DiTConfig fields that replace the preset's, e.g. ``{audio_lookbehind_frames: 8}``; recorded
+            in the export's config, so the students built from it inherit them.
         init_weights: DiT weights to start from (an exported file, or base weights via the zoo).
         text_context: file holding the fixed prompt's text-encoder output (real presets); tiny
             presets learn a constant instead.
@@ -90,6 +92,7 @@ class TeacherStage(L.LightningModule):
         audio_weights: str | None = None,
         audio_seed: int = 0,
         dit_preset: DiTPresetName = "tiny",
+        dit_overrides: dict[str, Any] | None = None,
         init_weights: str | None = None,
         text_context: str | None = None,
         lr: PositiveFloat = 2e-4,
@@ -117,7 +120,9 @@ class TeacherStage(L.LightningModule):
         self.cond = AvatarConditioner(
             vae=vae, audio=audio, audio_weights=audio_weights, audio_seed=audio_seed, mask_mode=mask_mode
         )
-        self.dit = build_dit(dit_preset, self.cond, init_weights=init_weights, text_context=text_context)
+        self.dit = build_dit(
+            dit_preset, self.cond, init_weights=init_weights, text_context=text_context, **(dit_overrides or {})
+        )
         self.ema = EMA(self.dit, decay=ema_decay, start_step=ema_start_step)
         self.flow = FlowMatchingConfig(
             sigma_distribution=sigma_distribution,

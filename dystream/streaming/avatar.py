@@ -465,6 +465,7 @@ class StreamingAvatar:
         self.chunk_frames = dcfg.chunk_frames  # C latent frames
         self.frames_per_chunk = dcfg.frames_per_latent * dcfg.chunk_frames  # 4C video frames
         self.lookahead = dcfg.audio_lookahead_frames  # L
+        self.lookbehind = dcfg.audio_lookbehind_frames  # past frames a chunk's latent frames also hear
         self.sigmas = self._sigmas(generator, cfg)  # [N] float64
 
         # reference -> latent frame 0, prefilled into the KV cache; decoder cache primed with it
@@ -774,8 +775,8 @@ class StreamingAvatar:
         t0 = time.perf_counter()
         gen, cfg = self.generator, self.config
         n_c, f = self.chunk_frames, self.frames_per_chunk
-        lo = f * j - self._feat_start
-        width = f + self.lookahead
+        lo = f * j - self.lookbehind - self._feat_start
+        width = self.lookbehind + f + self.lookahead
         talk = self._window(self._talk, lo, width) if gen.config.audio_attention else None
         listen = self._window(self._listen, lo, width) if gen.config.audio_attention else None
         _, z, _, h, w = self.z_ref.shape
@@ -789,8 +790,8 @@ class StreamingAvatar:
                 x = renoise(out, x, s, self.sigmas[k + 1].to(x.dtype), cfg.renoise, noises[k + 1])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        # features of frames before the next chunk are never read again
-        drop = f * (j + 1) - self._feat_start
+        # features of frames before the next chunk's look-behind are never read again
+        drop = max(f * (j + 1) - self.lookbehind - self._feat_start, 0)
         self._talk, self._listen = self._talk[:, drop:], self._listen[:, drop:]
         self._feat_start += drop
         timing.dit_s = time.perf_counter() - t0
@@ -806,10 +807,12 @@ class StreamingAvatar:
 
     @staticmethod
     def _window(feats: Tensor, lo: int, width: int) -> Tensor:
-        """``feats[:, lo : lo + width]``, zero-padded past the end of the stream (no audio)."""
-        part = feats[:, lo : lo + width]
+        """``feats[:, lo : lo + width]``, zero-padded before the start (``lo < 0``) and past the end of the stream (no
+        audio)."""
+        before = max(-lo, 0)
+        part = feats[:, max(lo, 0) : lo + width]
         if part.shape[1] < width:
-            part = F.pad(part, (0, 0, 0, width - part.shape[1]))
+            part = F.pad(part, (0, 0, before, width - before - part.shape[1]))
         return part
 
     def _take(self) -> list[np.ndarray]:
