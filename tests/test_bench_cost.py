@@ -26,7 +26,7 @@ def test_student_chunk_matches_flop_counter_small():
     dit.forward_chunk(torch.zeros(1, cfg.in_channels, 1, h, w), torch.zeros(1, 1), None, None, cache)
     c = cfg.chunk_frames
     x, sigma = torch.randn(1, cfg.in_channels, c, h, w), torch.full((1, c), 0.5)
-    audio = torch.randn(1, cfg.frames_per_latent * c + cfg.audio_lookahead_frames, cfg.audio_dim)
+    audio = torch.randn(1, cfg.chunk_audio_frames(c), cfg.audio_dim)
     while cache.num_frames < cfg.layout.max_cached_frames:  # steady state: sink + full window
         dit.forward_chunk(x, sigma, audio, audio, cache)
     with cost.flop_counter() as counter:

@@ -27,7 +27,7 @@ needs_compiler = pytest.mark.skipif(
 def _chunk_inputs(cfg: DiTConfig, c: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, cfg.in_channels, c, 8, 8, generator=g)
-    audio = torch.randn(1, cfg.frames_per_latent * c + cfg.audio_lookahead_frames, cfg.audio_dim, generator=g)
+    audio = torch.randn(1, cfg.chunk_audio_frames(c), cfg.audio_dim, generator=g)
     return x, torch.full((1, c), 0.5), audio
 
 

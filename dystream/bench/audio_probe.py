@@ -64,7 +64,10 @@ def probe_data(shards: str, clips: int) -> list[dict[str, np.ndarray]]:
             envelope=frame_rms(clip.audio_self, t),
         )
         if clip.meta.get("source") == "synthetic":
-            muted = remake_clip(clip.meta, t, clip.video.shape[1], partner_reactions=False)
+            try:
+                muted = remake_clip(clip.meta, t, clip.video.shape[1], partner_reactions=False)
+            except ValueError as e:
+                raise ValueError(f"audio probe: clip {clip.key} of {shards}: {e}; regenerate the synthetic data") from e
             item["reaction"] = (clip.kpts[:t, FACE, 1] - muted.kpts[:t, FACE, 1]).mean(1).astype(np.float64)
         out.append(item)
         if len(out) == clips:

@@ -121,7 +121,7 @@ def dit_forward_flops(
         a = cfg.audio_attn_dim or d
         ta = audio_frames * s
         keys = cfg.audio_window_frames * cfg.audio_tokens_per_frame  # per latent frame
-        video_frames = cfg.audio_lookbehind_frames + cfg.frames_per_latent * audio_frames + cfg.audio_lookahead_frames
+        video_frames = cfg.chunk_audio_frames(audio_frames)
         tokenizer = _linear(video_frames, cfg.audio_dim, d) + _linear(video_frames, d, cfg.audio_tokens_per_frame * d)
         per_module = (
             _linear(ta, d, a) + 2 * _linear(audio_frames * keys, d, a) + _linear(ta, a, d) + _attention(ta, keys, a)

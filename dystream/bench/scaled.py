@@ -192,12 +192,7 @@ def dit_chunk(setup: Setup, repeats: int, steps: int = 3) -> dict[str, Any]:
         context = torch.zeros(1, cfg.text_len, cfg.text_dim, device=dev, dtype=dtype)
     x = torch.randn(1, cfg.in_channels, c, h, w, device=dev, dtype=dtype)
     sigma = torch.full((1, c), 0.5, device=dev)
-    audio = torch.randn(
-        1,
-        cfg.audio_lookbehind_frames + cfg.frames_per_latent * c + cfg.audio_lookahead_frames,
-        cfg.audio_dim,
-        device=dev,
-    )
+    audio = torch.randn(1, cfg.chunk_audio_frames(c), cfg.audio_dim, device=dev)
     forward = maybe_compile(model.forward_chunk, setup.compile)
     with torch.inference_mode():
         cache = model.new_kv_cache(1)

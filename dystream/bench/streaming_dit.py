@@ -82,12 +82,7 @@ def _run(quick: bool, dev: torch.device) -> dict[str, Any]:
     c = cfg.chunk_frames
     x = torch.randn(1, cfg.in_channels, c, hw, hw, device=dev)
     sigma = torch.full((1, c), 0.5, device=dev)
-    audio = torch.randn(
-        1,
-        cfg.audio_lookbehind_frames + cfg.frames_per_latent * c + cfg.audio_lookahead_frames,
-        cfg.audio_dim,
-        device=dev,
-    )
+    audio = torch.randn(1, cfg.chunk_audio_frames(c), cfg.audio_dim, device=dev)
 
     def step(cache: KVCache, write: bool) -> float:
         _sync(dev)

@@ -182,6 +182,10 @@ class DiTConfig:
         """Video frames each latent frame hears: the look-behind, its own, the look-ahead."""
         return self.audio_lookbehind_frames + self.frames_per_latent + self.audio_lookahead_frames
 
+    def chunk_audio_frames(self, num_latent: int) -> int:
+        """Video frames of audio a chunk of ``num_latent`` latent frames reads: look-behind, own, look-ahead."""
+        return self.audio_lookbehind_frames + self.frames_per_latent * num_latent + self.audio_lookahead_frames
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> DiTConfig:
         if name not in DIT_PRESETS:
@@ -232,6 +236,14 @@ class CrossAttention(nn.Module):
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
         v = self.v(context).unflatten(-1, (self.num_heads, -1))
         return self.o(_sdpa(q, k, v, key_mask).flatten(-2))
+
+
+def frames_window(feats: Tensor, lo: int, width: int) -> Tensor:
+    """``feats[:, lo : lo + width]`` of per-video-frame features ``[B, T, D]``, zero features (no audio) where the
+    window reaches before frame 0 (``lo < 0``) or past the end: a chunk's audio with its look-behind and look-ahead."""
+    before = max(-lo, 0)
+    part = feats[:, max(lo, 0) : lo + width]
+    return torch.nn.functional.pad(part, (0, 0, before, width - before - part.shape[1]))
 
 
 class AudioAttention(nn.Module):
@@ -514,9 +526,9 @@ class AvatarDiT(nn.Module):
                     f"({cfg.frames_per_latent} per latent frame x {num_latent} latent frames + {look} look-ahead)"
                 )
             feats = torch.nn.functional.pad(feats, (0, 0, behind, 0))  # before the stream's start: silence
-        elif feats.shape[1] != behind + own + look:
+        elif feats.shape[1] != (want := cfg.chunk_audio_frames(num_latent)):
             raise ValueError(
-                f"AvatarDiT: {name} covers {feats.shape[1]} video frames, expected {behind + own + look} "
+                f"AvatarDiT: {name} covers {feats.shape[1]} video frames, expected {want} "
                 f"({behind} look-behind + {cfg.frames_per_latent} per latent frame x {num_latent} latent frames"
                 f" + {look} look-ahead; model.audio_window cuts it)"
             )
@@ -534,17 +546,14 @@ class AvatarDiT(nn.Module):
         """
         if audio is None or start == 0:
             return None
-        fpl, look = self.config.frames_per_latent, self.config.audio_lookahead_frames
-        behind = self.config.audio_lookbehind_frames
-        lo, hi = fpl * (start - 1), fpl * (start - 1 + size)
+        cfg = self.config
+        lo, hi = cfg.frames_per_latent * (start - 1), cfg.frames_per_latent * (start - 1 + size)
         if hi > audio.shape[1]:
             raise ValueError(
                 f"audio_window: latent frames {start}..{start + size - 1} need video frames up to {hi - 1}, "
                 f"the audio has {audio.shape[1]}"
             )
-        chunk = audio[:, max(lo - behind, 0) : hi + look]
-        before = max(behind - lo, 0)
-        return torch.nn.functional.pad(chunk, (0, 0, before, behind + hi + look - lo - before - chunk.shape[1]))
+        return frames_window(audio, lo - cfg.audio_lookbehind_frames, cfg.chunk_audio_frames(size))
 
     # ---------------------------------------------------------------------------------------------- core
     def _embed_time(self, sigma: Tensor) -> tuple[Tensor, Tensor]:

@@ -82,7 +82,7 @@ from torch import Tensor
 from dystream.diffusion.rollout import chunk_noises, renoise
 from dystream.diffusion.schedule import student_sigmas
 from dystream.models.audio import AudioEncoder, route_audio_features
-from dystream.models.dit import AvatarDiT
+from dystream.models.dit import AvatarDiT, frames_window
 from dystream.models.vae import ReferenceGuidedVAE
 
 __all__ = ["StreamingAvatar", "StreamingConfig", "MaskFn", "prepare_reference", "silero_mask"]
@@ -776,9 +776,9 @@ class StreamingAvatar:
         gen, cfg = self.generator, self.config
         n_c, f = self.chunk_frames, self.frames_per_chunk
         lo = f * j - self.lookbehind - self._feat_start
-        width = self.lookbehind + f + self.lookahead
-        talk = self._window(self._talk, lo, width) if gen.config.audio_attention else None
-        listen = self._window(self._listen, lo, width) if gen.config.audio_attention else None
+        width = gen.config.chunk_audio_frames(n_c)
+        talk = frames_window(self._talk, lo, width) if gen.config.audio_attention else None
+        listen = frames_window(self._listen, lo, width) if gen.config.audio_attention else None
         _, z, _, h, w = self.z_ref.shape
         noises = chunk_noises((1, z, n_c, h, w), self.sigmas.numel(), self._generator, self.device, self.z_ref.dtype)
         x, out, n = noises[0], None, self.sigmas.numel()
@@ -804,16 +804,6 @@ class StreamingAvatar:
         if self._first is None:
             self._first = timing
         self._decoder.submit(latents, skip=0, timing=timing)
-
-    @staticmethod
-    def _window(feats: Tensor, lo: int, width: int) -> Tensor:
-        """``feats[:, lo : lo + width]``, zero-padded before the start (``lo < 0``) and past the end of the stream (no
-        audio)."""
-        before = max(-lo, 0)
-        part = feats[:, max(lo, 0) : lo + width]
-        if part.shape[1] < width:
-            part = F.pad(part, (0, 0, before, width - before - part.shape[1]))
-        return part
 
     def _take(self) -> list[np.ndarray]:
         self._decoder.check()
