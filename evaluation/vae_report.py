@@ -36,6 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="guidance images K: 0 = none, 1 = the reference image (frame 0, as the DiT stages), K > 1 = frame 0 and "
         "K - 1 more frames spread evenly before the evaluated window (lower --frames to leave room)",
     )
+    for name, what in (("logit", "window logits (1: the softmax it was trained with)"), ("gate", "gate logits")):
+        parser.add_argument(
+            f"--copy-{name}-scale",
+            type=float,
+            default=None,
+            help=f"decode with the copy head's {what} times this instead of the export's value: above 1 sharper, "
+            "trading error where the person moved for detail where nothing did (docs/vae.md, 'Sharper at decode')",
+        )
+    parser.add_argument(
+        "--write-export",
+        default=None,
+        metavar="PATH",
+        help="also write the VAE with these copy scales as a new export (the same weights and latent statistics), for "
+        "`dystream eval` or the later stages to decode with",
+    )
     parser.add_argument("--sheet", default=None, help="write a PNG contact sheet: real / reconstruction / |error| x4")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--device", default="cpu")
@@ -182,6 +197,21 @@ def run(args: argparse.Namespace) -> int:
 
     clips = load_clips(ClipsConfig(shards=args.shards, count=args.clips, frames=args.frames))
     vae = load_frozen(args.vae, "vae")
+    scales = {f"copy_{n}_scale": v for n in ("logit", "gate") if (v := getattr(args, f"copy_{n}_scale")) is not None}
+    try:
+        vae.set_copy_scales(**scales)
+    except ValueError as e:
+        print(f"vae-report: {args.vae}: {e}")
+        return 2
+    if args.write_export:
+        from dystream.zoo.files import read_metadata, save_model
+
+        extra = {**read_metadata(args.vae)[2], "copy_scales_from": str(args.vae)}
+        path = save_model(vae, args.write_export, arch="vae", extra=extra)
+        print(
+            f"vae-report: wrote {path} (copy_logit_scale {vae.config.copy_logit_scale:g}, "
+            f"copy_gate_scale {vae.config.copy_gate_scale:g})"
+        )
     head = vae.decoder.copy_head
     logits: list[torch.Tensor] = []  # the copy gate's logits [B, T, h, w, 3 p^2] of each decoded batch
     flows: list[torch.Tensor] = []  # the copy warp's flow [B, T, h, w, 2] (pixels) of each decoded batch
@@ -209,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
         hook.remove()
     p = vae.config.patch_size
     if logits:  # [N, T, H, W]: the gate per pixel, averaged over colours; the reference frame dropped
-        gate = torch.cat(logits).float().sigmoid()[:, 1:].unflatten(-1, (-1, p, p)).mean(-3)
+        gate = torch.cat(logits).float().mul(head.gate_scale).sigmoid()[:, 1:].unflatten(-1, (-1, p, p)).mean(-3)
         gate = gate.permute(0, 1, 2, 4, 3, 5).flatten(2, 3).flatten(3, 4).cpu().numpy()
         figures["copy_gate"] = mean_by_region(gate, clips.frames, clips.kpts)
     if flows:  # [N, T, H, W]: the warp's length per cell, repeated over its p x p pixels
@@ -221,12 +251,14 @@ def run(args: argparse.Namespace) -> int:
             videos[name] = np.stack([_to_uint8(v) for v in torch.cat(chunks).float()[:, :, 1:]])
     figures["error_where_changed"] = error_where_changed(clips.frames, clips.references, videos)
     figures["psnr_over_time"] = psnr_over_time(recon, clips.frames)
-    figures.update(clips=len(clips.keys), frames=int(clips.frames.shape[1]), references=args.references)
+    figures.update(clips=len(clips.keys), frames=int(clips.frames.shape[1]), references=args.references, **scales)
     figures["seconds_per_frame"] = seconds / (clips.frames.shape[0] * clips.frames.shape[1])
     print(
         f"{args.vae}: PSNR {figures['psnr']:.2f} dB  SSIM {figures['ssim']:.4f}  HF ratio {figures['hf_ratio']:.3f}  "
         f"colour error max {figures['colour_error_max']:.2f} / mean {figures['colour_error_mean']:.2f} (1/255)  "
-        f"[{figures['clips']} clips x {figures['frames']} frames, K={args.references}]"
+        f"[{figures['clips']} clips x {figures['frames']} frames, K={args.references}"
+        + "".join(f", {k} {v:g}" for k, v in scales.items())
+        + "]"
     )
     if "copy_gate" in figures:
         print(

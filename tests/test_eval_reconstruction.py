@@ -84,7 +84,7 @@ def test_keypoint_error_over_confident_points_only():
 def test_vae_report_end_to_end(tmp_path):
     from dystream.evaluation import vae_report
     from dystream.models.vae import ReferenceGuidedVAE, VAEConfig
-    from dystream.zoo.files import save_model
+    from dystream.zoo.files import load_model, save_model
 
     torch.manual_seed(0)
     vae = ReferenceGuidedVAE(VAEConfig.from_preset("tiny", copy_warp=True))
@@ -110,8 +110,24 @@ def test_vae_report_end_to_end(tmp_path):
     assert {"rmse_output", "rmse_estimate", "rmse_copy"} <= set(where["changed"])  # the tiny preset has a copy head
     assert {"hf_ratio_output", "hf_ratio_estimate", "hf_ratio_copy"} <= set(where["changed"])
     assert (tmp_path / "s.png").stat().st_size > 0
+    # decoded with a sharper gate: the gate read off the hook is the scaled one, and the rewritten export carries it
+    sharp = tmp_path / "sharp.safetensors"
+    scaled = ["--copy-gate-scale", "1.5", "--copy-logit-scale", "2", "--write-export", str(sharp)]
+    assert vae_report.run(parser.parse_args([*args_list(path, out), *scaled])) == 0
+    figures = json.loads(out.read_text())
+    assert figures["copy_gate"]["still"] == pytest.approx(1 / (1 + np.exp(3.0)), abs=1e-5)
+    assert (figures["copy_logit_scale"], figures["copy_gate_scale"]) == (2.0, 1.5)
+    rewritten = load_model(sharp, arch="vae")
+    assert (rewritten.config.copy_logit_scale, rewritten.config.copy_gate_scale) == (2.0, 1.5)
+    for name, tensor in vae.state_dict().items():
+        torch.testing.assert_close(rewritten.state_dict()[name], tensor, rtol=0, atol=0)
+    assert vae_report.run(parser.parse_args([*args_list(path, out), "--copy-gate-scale", "0"])) == 2
     args.vae = str(tmp_path / "missing.safetensors")
     assert vae_report.run(args) == 2
+
+
+def args_list(path, out) -> list[str]:
+    return ["--vae", str(path), "--clips", "2", "--frames", "8", "--json", str(out)]
 
 
 def test_mean_by_region_averages_the_gate_inside_each_region():

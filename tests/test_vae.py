@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from einops import rearrange
 from torch import nn
 
 from dystream.models.vae import (
@@ -388,6 +389,54 @@ def test_hard_copy_gate_picks_the_copy_or_the_drawing_and_still_learns():
 def test_copy_logit_scale_must_be_positive():
     with pytest.raises(ValueError, match="copy_logit_scale must be > 0"):
         VAEConfig.from_preset("tiny", copy_logit_scale=0.0)
+
+
+def test_copy_gate_scale_multiplies_the_gate_logits_and_set_copy_scales_needs_no_new_weights():
+    """Set to decode with ``copy_gate_scale`` 1.5 (same weights), the gate is sigmoid(1.5 x) of the same logits x that
+    gave sigmoid(x) before; with ``copy_logit_scale`` 2 as well, the output equals that of a VAE built with both fields
+    and loaded with the weights, and the config (what an export records) carries them."""
+    torch.manual_seed(0)
+    trained = _vae()
+    with torch.no_grad():
+        trained.decoder.copy_head.to_gate.weight.normal_(0, 0.05)
+    video, refs = _video(frames=9), _refs(k=1)
+    raw = []
+    trained.decoder.copy_head.to_gate.register_forward_hook(lambda module, args, out: raw.append(out))
+    with torch.no_grad():
+        before = trained(video, refs, sample=False).copy_gate
+        trained.set_copy_scales(copy_gate_scale=1.5)
+        after = trained(video, refs, sample=False).copy_gate
+    torch.testing.assert_close(raw[1], raw[0], rtol=0, atol=0)  # the gate's input did not change
+
+    def as_pixels(logits):  # [B, T, h, w, P] -> [B, 3, T, H, W], the layout of VAEOutput.copy_gate
+        return trained.decoder._unpatchify(rearrange(torch.sigmoid(logits), "b t h w p -> b p t h w"))
+
+    torch.testing.assert_close(before, as_pixels(raw[0]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(after, as_pixels(1.5 * raw[0]), rtol=0, atol=1e-6)
+    assert (after - 0.5).abs().mean() > (before - 0.5).abs().mean()  # further from one half
+    with torch.no_grad():
+        trained.set_copy_scales(copy_logit_scale=2.0)
+        sharp = trained(video, refs, sample=False).recon
+    assert (trained.config.copy_logit_scale, trained.config.copy_gate_scale) == (2.0, 1.5)
+    built = ReferenceGuidedVAE(VAEConfig.from_preset("tiny", copy_logit_scale=2.0, copy_gate_scale=1.5)).eval()
+    built.load_state_dict(trained.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(built(video, refs, sample=False).recon, sharp, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("scales", "overrides", "message"),
+    [
+        ({"copy_window": 2.0}, {}, r"\['copy_window'\] are not copy scales"),
+        ({"copy_gate_scale": 0.0}, {}, "copy_gate_scale must be > 0"),
+        ({"copy_gate_scale": 2.0}, {"reference_copy": False}, "need the reference copy head"),
+    ],
+)
+def test_set_copy_scales_refuses_bad_values(scales, overrides, message):
+    vae = _vae(**overrides)
+    with pytest.raises(ValueError, match=message):
+        vae.set_copy_scales(**scales)
+    assert vae.config.copy_gate_scale == 1.0  # nothing changed
 
 
 @pytest.mark.parametrize(("dx", "dy"), [(1.0, 0.0), (0.0, -1.0), (0.5, 0.0), (-0.25, 0.5)])

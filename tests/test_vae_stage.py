@@ -320,6 +320,20 @@ def test_architecture_overrides_the_preset_and_is_exported(tmp_path):
         VAEStage(architecture={"width": [36, 72, 144]}, disc_weight=0.0)
 
 
+def test_export_architecture_reaches_the_export_only(tmp_path):
+    """The copy scales of ``export_architecture`` are in the exported file, and the file decodes with them; the
+    stage keeps training with the trained ones. A name that is not a copy scale is refused before training."""
+    stage = VAEStage(export_architecture={"copy_logit_scale": 2.0, "copy_gate_scale": 1.5}, disc_weight=0.0,
+                     export_dir=str(tmp_path))  # fmt: skip
+    vae = load_vae(str(stage.export()))
+    assert (vae.config.copy_logit_scale, vae.config.copy_gate_scale) == (2.0, 1.5)
+    assert (vae.decoder.copy_head.logit_scale, vae.decoder.copy_head.gate_scale) == (2.0, 1.5)
+    head = stage.vae.decoder.copy_head
+    assert (stage.vae.config.copy_gate_scale, head.logit_scale, head.gate_scale) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"VAEStage.export_architecture: \['widths'\] are not copy scales"):
+        VAEStage(export_architecture={"widths": [36, 72, 144]}, disc_weight=0.0)
+
+
 def _cartoon_batch(size: int = 32, t: int = 4) -> dict:
     """Two cartoon clips (a flat disc and a bar moving over a vertical gradient, as in the synthetic world)."""
     ys, xs = torch.meshgrid(

@@ -60,7 +60,7 @@ own thread with its own cache); the module itself holds no streaming state.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,10 @@ class VAEConfig:
     # The copy head's window logits (its query-key scores and offset prior) times this: above 1 the copy comes from
     # fewer reference cells, sharper (a softmax over the 5x5 window blurs the reference: docs/vae.md, row am).
     copy_logit_scale: float = 1.0
+    # The copy gate's logits times this: above 1 the gate is nearer 0 or 1 (it passes more of the copy where it
+    # leans to the copy, and less where it leans to the drawing). With copy_logit_scale, a decode-time sharpness knob
+    # for a VAE trained at 1 (VAEStage.export_architecture; the trade-off in docs/vae.md, "Sharper at decode").
+    copy_gate_scale: float = 1.0
     # The copy gate rounded to 0 or 1 in the forward pass, its sigmoid's gradient in the backward (straight-through,
     # Bengio et al. 2013): every output value is either the copy or the decoder's drawing, never a blend of the two
     # (a blending gate mixes the drawing's noise into a sharp copy: docs/vae.md, rows am-ao).
@@ -174,8 +178,9 @@ class VAEConfig:
         for name in ("copy_gate_motion", "copy_warp", "copy_gate_hard"):
             if getattr(self, name) and not self.reference_copy:
                 raise ValueError(f"VAEConfig.{name} refines the reference copy head: set reference_copy: true too")
-        if not self.copy_logit_scale > 0:
-            raise ValueError(f"VAEConfig.copy_logit_scale must be > 0, got {self.copy_logit_scale}")
+        for name in ("copy_logit_scale", "copy_gate_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"VAEConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.temporal_kernel < 1:
             raise ValueError(f"VAEConfig.temporal_kernel must be >= 1, got {self.temporal_kernel}")
         for lvl in (*self.attn_levels, *self.local_attn_levels):
@@ -627,7 +632,8 @@ class ReferenceCopyHead(nn.Module):
     def __init__(self, dim: int, pixel_channels: int, cfg: VAEConfig) -> None:
         super().__init__()
         self.window, self.patch_size = cfg.local_window, cfg.patch_size
-        self.logit_scale, self.hard_gate = cfg.copy_logit_scale, cfg.copy_gate_hard
+        self.logit_scale, self.gate_scale = cfg.copy_logit_scale, cfg.copy_gate_scale
+        self.hard_gate = cfg.copy_gate_hard
         self.norm = ChannelRMSNorm(dim, cfg.norm_eps)
         self.norm_ref = ChannelRMSNorm(dim, cfg.norm_eps)
         self.to_q = nn.Linear(dim, dim)
@@ -681,7 +687,7 @@ class ReferenceCopyHead(nn.Module):
         cues = [feats, diff, diff.abs()]
         if motion is not None:
             cues.append(rearrange(motion, "b p t h w -> b t h w p").abs())
-        gate = torch.sigmoid(self.to_gate(torch.cat(cues, dim=-1)))
+        gate = torch.sigmoid(self.to_gate(torch.cat(cues, dim=-1)) * self.gate_scale)
         if self.hard_gate:  # the value in the forward pass is the rounded gate, the gradient the sigmoid's
             gate = gate + ((gate > 0.5).to(gate.dtype) - gate).detach()
         gate = gate * usable[..., 0]
@@ -885,6 +891,28 @@ class ReferenceGuidedVAE(nn.Module):
         # Per-channel statistics of the raw posterior mean; filled by the VAE stage from data.
         self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
         self.register_buffer("latent_std", torch.ones(config.latent_channels))
+
+    # Fields that change only how the copy head decodes (no weights): set on a trained VAE, e.g. at export.
+    COPY_SCALES = ("copy_logit_scale", "copy_gate_scale")
+
+    @classmethod
+    def with_copy_scales(cls, config: VAEConfig, **scales: float) -> VAEConfig:
+        """``config`` with other copy-head scales (``copy_logit_scale``, ``copy_gate_scale``); unknown names, values
+        <= 0 and a config without a copy head raise."""
+        unknown = sorted(set(scales) - set(cls.COPY_SCALES))
+        if unknown:
+            raise ValueError(f"{unknown} are not copy scales; choose from {list(cls.COPY_SCALES)}")
+        if scales and not config.reference_copy:
+            raise ValueError("copy scales need the reference copy head (reference_copy: true)")
+        return replace(config, **scales)  # __post_init__ checks the values
+
+    def set_copy_scales(self, **scales: float) -> None:
+        """Decode with other copy-head sharpness (:meth:`with_copy_scales`): the head and the config (what an
+        export records) both change; the weights do not."""
+        self.config = self.with_copy_scales(self.config, **scales)
+        if self.decoder.copy_head is not None:
+            self.decoder.copy_head.logit_scale = self.config.copy_logit_scale
+            self.decoder.copy_head.gate_scale = self.config.copy_gate_scale
 
     # ---------------------------------------------------------------- latent normalisation
     def set_latent_stats(self, mean: Tensor, std: Tensor) -> None:

@@ -151,6 +151,10 @@ class VAEStage(L.LightningModule):
         grad_clip: gradient-norm clipping of both optimizers (0 = off).
         num_val_videos: reconstructions logged to TensorBoard at each validation.
         export_dir: where ``vae.safetensors`` is written at every checkpoint.
+        export_architecture: decode-only fields written into the export instead of the trained ones
+            (``copy_logit_scale``, ``copy_gate_scale``; no weights change): a VAE trained with a blending copy head
+            decodes sharper, trading error where the person moved for high-frequency detail where nothing did
+            (docs/vae.md, "Sharper at decode"). Training and its validation use ``architecture``'s values.
     """
 
     def __init__(
@@ -198,6 +202,7 @@ class VAEStage(L.LightningModule):
         grad_clip: NonNegativeFloat = 1.0,
         num_val_videos: NonNegativeInt = 2,
         export_dir: str = "runs/vae",
+        export_architecture: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if min_references > max_references:
@@ -219,6 +224,11 @@ class VAEStage(L.LightningModule):
                 "architecture: {copy_gate_hard: true} (or set copy_gate_soft_steps: 0)"
             )
         self.vae = ReferenceGuidedVAE(config)
+        self._export_scales = dict(export_architecture or {})
+        try:  # checked now, not at the first export minutes in
+            ReferenceGuidedVAE.with_copy_scales(config, **self._export_scales)
+        except ValueError as e:
+            raise ValueError(f"VAEStage.export_architecture: {e}") from None
         self.disc = PatchDiscriminator3D(DiscriminatorConfig.from_preset(discriminator_preset)) if disc_weight else None
         # LPIPS is a frozen loss network loaded from a file: kept out of the module tree so it is
         # neither trained nor written into checkpoints (it is rebuilt from the path on load).
@@ -513,7 +523,12 @@ class VAEStage(L.LightningModule):
         if not calibrated:
             rank_zero_warn("VAEStage: latent statistics not computed yet (no validation ran); exporting identity ones")
         extra = {"stage": "vae", "step": int(self.global_step), "latent_stats_from_data": calibrated}
-        path = save_model(self.vae, self.export_dir / "vae.safetensors", arch="vae", extra=extra)
+        trained = {name: getattr(self.vae.config, name) for name in self._export_scales}
+        self.vae.set_copy_scales(**self._export_scales)
+        try:
+            path = save_model(self.vae, self.export_dir / "vae.safetensors", arch="vae", extra=extra)
+        finally:
+            self.vae.set_copy_scales(**trained)
         announce_export(self, path)
         return path
 
