@@ -94,9 +94,7 @@ def test_vae_report_end_to_end(tmp_path):
     parser = argparse.ArgumentParser()
     vae_report.add_arguments(parser)
     out = tmp_path / "q.json"
-    args = parser.parse_args(
-        ["--vae", str(path), "--clips", "2", "--frames", "8", "--json", str(out), "--sheet", str(tmp_path / "s.png")]
-    )
+    args = parser.parse_args([*_report_args(path, out), "--sheet", str(tmp_path / "s.png")])
     assert vae_report.run(args) == 0
     figures = json.loads(out.read_text())
     assert figures["clips"] == 2 and figures["frames"] == 8 and np.isfinite(figures["psnr"])
@@ -113,7 +111,7 @@ def test_vae_report_end_to_end(tmp_path):
     # decoded with a sharper gate: the gate read off the hook is the scaled one, and the rewritten export carries it
     sharp = tmp_path / "sharp.safetensors"
     scaled = ["--copy-gate-scale", "1.5", "--copy-logit-scale", "2", "--write-export", str(sharp)]
-    assert vae_report.run(parser.parse_args([*args_list(path, out), *scaled])) == 0
+    assert vae_report.run(parser.parse_args([*_report_args(path, out), *scaled])) == 0
     figures = json.loads(out.read_text())
     assert figures["copy_gate"]["still"] == pytest.approx(1 / (1 + np.exp(3.0)), abs=1e-5)
     assert (figures["copy_logit_scale"], figures["copy_gate_scale"]) == (2.0, 1.5)
@@ -121,12 +119,13 @@ def test_vae_report_end_to_end(tmp_path):
     assert (rewritten.config.copy_logit_scale, rewritten.config.copy_gate_scale) == (2.0, 1.5)
     for name, tensor in vae.state_dict().items():
         torch.testing.assert_close(rewritten.state_dict()[name], tensor, rtol=0, atol=0)
-    assert vae_report.run(parser.parse_args([*args_list(path, out), "--copy-gate-scale", "0"])) == 2
+    assert vae_report.run(parser.parse_args([*_report_args(path, out), "--copy-gate-scale", "0"])) == 2
     args.vae = str(tmp_path / "missing.safetensors")
     assert vae_report.run(args) == 2
 
 
-def args_list(path, out) -> list[str]:
+def _report_args(path, out) -> list[str]:
+    """vae-report's arguments for two 8-frame clips of `path`, the figures written to `out`."""
     return ["--vae", str(path), "--clips", "2", "--frames", "8", "--json", str(out)]
 
 
