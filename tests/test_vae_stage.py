@@ -667,3 +667,93 @@ def test_mouth_gate_term_shuts_the_copy_gate_over_the_lips_only(tmp_path):
     del batch["kpts"]
     with pytest.raises(KeyError, match="mouth_gate_weight > 0 needs keypoints"):
         stage.reconstruction_nll(batch, out, clip)
+
+
+def test_unshown_pixels_are_those_no_reference_shows_nearby():
+    """``unshown_pixels`` against a direct loop over pixels: a square that moved 2 pixels is shown with radius 2 and
+    unshown with radius 1; a square the reference lacks is unshown whatever the radius; a second reference that
+    shows it makes it shown. Bad shapes are refused."""
+    from dystream.objectives.vae import unshown_pixels
+
+    torch.manual_seed(0)
+    ref = torch.full((1, 1, 3, 16, 16), -1.0)
+    ref[..., 4:8, 4:8] = 1.0
+    clip = ref[:, 0, :, None].repeat(1, 1, 3, 1, 1)  # [1, 3, T=3, 16, 16]: frame 0 = the reference
+    clip[:, :, 1] = -1.0
+    clip[:, :, 1, 6:10, 4:8] = 1.0  # the square moved 2 pixels down
+    clip[:, :, 2, 12:15, 12:15] = 0.5  # a new patch the reference does not show
+
+    def direct(clip, refs, threshold, radius):
+        _, _, t, h, w = clip.shape
+        out = torch.zeros(1, t, h, w, dtype=torch.bool)
+        for f in range(t):
+            for y in range(h):
+                for x in range(w):
+                    near = min(
+                        (clip[0, :, f, y, x] - refs[0, k, :, min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)])
+                        .abs().mean().item()
+                        for k in range(refs.shape[1])
+                        for dy in range(-radius, radius + 1)
+                        for dx in range(-radius, radius + 1)
+                    )  # fmt: skip
+                    out[0, f, y, x] = near > threshold
+        return out
+
+    for radius in (0, 1, 2):
+        mask = unshown_pixels(clip, ref, 0.1, radius)
+        assert torch.equal(mask, direct(clip, ref, 0.1, radius)), radius
+    assert not unshown_pixels(clip, ref, 0.1, 2)[0, :2].any()  # the moved square: shown 2 pixels away
+    assert unshown_pixels(clip, ref, 0.1, 1)[0, 1].any()
+    assert unshown_pixels(clip, ref, 0.1, 2)[0, 2, 12:15, 12:15].all()
+    second = clip[:, :, 2][:, None]  # a reference that shows the new patch
+    assert not unshown_pixels(clip, torch.cat([ref, second], dim=1), 0.1, 0)[0, 2].any()
+    with pytest.raises(ValueError, match="unshown_pixels"):
+        unshown_pixels(clip, ref[:, 0], 0.1, 1)
+
+
+def test_unshown_gate_term_shuts_the_copy_gate_where_no_reference_shows_the_frame(tmp_path):
+    """``unshown_gate_weight`` adds the cross-entropy of the gate against 0 over the pixels that no guidance image shows
+    (``unshown_pixels``). The gate opened wide, then a few steps of the whole objective with and without the term:
+    with it the gate shuts over those pixels and stays open elsewhere; without guidance images the term is absent."""
+    from dystream.objectives.vae import open_gate_loss, shut_gate_loss, unshown_pixels
+
+    batch = _batch(t=4, size=32)
+    still = batch["references"][:, :1].clone()  # a still scene: every reference and frame the same image ...
+    batch["references"] = still.repeat(1, 3, 1, 1, 1)
+    batch["video"] = still[:, 0, :, None].repeat(1, 1, 4, 1, 1)
+    batch["video"][:, :, :, 8:16, 8:16] = 1.0  # ... but for a patch that no reference shows
+    batch["references"][:, :, :, 8:16, 8:16] = -1.0
+    gates = {}
+    for weight, still_weight in ((0.0, 0.0), (1.0, 0.0), (1.0, 1.0)):
+        torch.manual_seed(0)
+        stage = VAEStage(architecture={"reference_copy": True}, unshown_gate_weight=weight,
+                         still_gate_weight=still_weight, disc_weight=0.0, lpips_weight=0.0, min_references=1,
+                         max_references=1, export_dir=str(tmp_path))  # fmt: skip
+        clip, guidance = stage.clip_and_references(batch, 1)
+        unshown = unshown_pixels(clip, guidance, stage.hparams.changed_threshold, stage.hparams.unshown_radius)
+        still = ~unshown_pixels(clip, guidance, stage.hparams.changed_threshold, 0)
+        assert unshown[:, 1:, 10:14, 10:14].all() and unshown.float().mean() < 0.5 and not (still & unshown).any()
+        out = stage.vae(clip, guidance, sample=False)
+        nll, logs = stage.reconstruction_nll(batch, out, clip, guidance)
+        expected = (stage.pixel_losses(batch, out.recon, clip)[0] + weight * shut_gate_loss(out.copy_gate, unshown)
+                    + still_weight * open_gate_loss(out.copy_gate, still))  # fmt: skip
+        assert nll.item() == pytest.approx(expected.item(), rel=1e-6) and ("unshown_gate_bce" in logs) == (weight > 0)
+        assert ("still_gate_bce" in logs) == (still_weight > 0)
+        assert not {"unshown_gate_bce", "still_gate_bce"} & set(stage.reconstruction_nll(batch, out, clip)[1])
+        with torch.no_grad():
+            stage.vae.decoder.copy_head.to_gate.bias.fill_(2.0)  # open everywhere (0.88)
+        opt = torch.optim.Adam(stage.vae.decoder.copy_head.to_gate.parameters(), lr=5e-2)
+        for _ in range(40):
+            loss = stage.reconstruction_nll(batch, stage.vae(clip, guidance, sample=False), clip, guidance)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        gates[weight, still_weight] = stage.vae(clip, guidance, sample=False).copy_gate.mean(1).detach()
+    # the pixel loss alone already narrows the gate over this patch (the copy is far off everywhere in it); the
+    # term shuts it two orders of magnitude further, while it stays open over what the references show ...
+    assert gates[1.0, 0.0][unshown].mean() < 0.01 * gates[0.0, 0.0][unshown].mean()
+    assert gates[1.0, 0.0][still].mean() > 0.5
+    # ... but less open than without it (a linear gate on an untrained decoder's features cannot single the patch
+    # out), which the still term undoes without reopening the patch
+    assert gates[1.0, 0.0][still].mean() < gates[1.0, 1.0][still].mean() - 0.1
+    assert gates[1.0, 1.0][unshown].mean() < 0.1 * gates[0.0, 0.0][unshown].mean()

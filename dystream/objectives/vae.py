@@ -101,6 +101,29 @@ def changed_pixels(clip: Tensor, threshold: float) -> Tensor:
     return (clip - clip[:, :, :1]).abs().mean(dim=1) > threshold
 
 
+@torch.no_grad()
+def unshown_pixels(clip: Tensor, references: Tensor, threshold: float, radius: int) -> Tensor:
+    """``[B, T, H, W]``: where no guidance image shows a frame's pixel near its place: for every reference ``[B, K, C,
+    H, W]`` and every shift of up to ``radius`` pixels in each direction, the mean over channels of ``|frame -
+    shifted reference|`` exceeds ``threshold`` (pixels in [-1, 1]; the border repeated outside the frame). A raised
+    arm or an open mouth is unshown; a body that sways by a pixel or two is not (the copy head's window can follow
+    it). What the copy head copies from, so the pixels it cannot copy right from anywhere it looks."""
+    if clip.ndim != 5 or references.ndim != 5 or references.shape[0] != clip.shape[0]:
+        raise ValueError(
+            f"unshown_pixels: clip must be [B, C, T, H, W] and references [B, K, C, H, W], got {tuple(clip.shape)} "
+            f"and {tuple(references.shape)}"
+        )
+    b, _, _, h, w = clip.shape
+    padded = F.pad(references.flatten(0, 1), (radius,) * 4, mode="replicate").unflatten(0, (b, -1))
+    nearest = None
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            shifted = padded[..., dy : dy + h, dx : dx + w]  # [B, K, C, H, W]
+            distance = (clip[:, None] - shifted[:, :, :, None]).abs().mean(dim=2).amin(dim=1)  # [B, T, H, W]
+            nearest = distance if nearest is None else torch.minimum(nearest, distance)
+    return nearest > threshold
+
+
 def colour_l1_loss(recon: Tensor, target: Tensor) -> Tensor:
     """Mean over clips, channels and frames of ``|mean colour of recon - mean colour of target|`` (the frame's mean
     over its pixels): the per-pixel L1 is median-seeking and leaves a clip-wide tint it hardly pays for."""
@@ -128,6 +151,17 @@ def shut_gate_loss(gate: Tensor, region: Tensor) -> Tensor:
             f"{tuple(region.shape)} for a gate of {tuple(gate.shape)}"
         )
     return _region_mean(-torch.log1p(-gate.clamp(max=1 - 1e-6)), region)
+
+
+def open_gate_loss(gate: Tensor, region: Tensor) -> Tensor:
+    """Mean binary cross-entropy of the copy gate ``[B, C, T, H, W]`` against 1 (the reference's pixels) over the
+    pixels (all channels) where ``region [B, T, H, W]`` is set; 0 if empty. The mirror of :func:`shut_gate_loss`."""
+    if gate.ndim != 5 or region.shape != (gate.shape[0], *gate.shape[2:]):
+        raise ValueError(
+            f"open_gate_loss: region must be [B, T, H, W] = {(gate.shape[0], *gate.shape[2:])}, got "
+            f"{tuple(region.shape)} for a gate of {tuple(gate.shape)}"
+        )
+    return _region_mean(-torch.log(gate.clamp(min=1e-6)), region)
 
 
 def copy_gate_loss(gate: Tensor, copy: Tensor, target: Tensor, tolerance: float) -> Tensor:

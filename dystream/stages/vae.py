@@ -58,8 +58,10 @@ from dystream.objectives.vae import (
     kl_loss,
     l1_loss,
     lpips_video,
+    open_gate_loss,
     region_l1_loss,
     shut_gate_loss,
+    unshown_pixels,
 )
 from dystream.scale import exports_during_training
 from dystream.stages.common import LRSchedule, adamw, warmup_scheduler
@@ -120,6 +122,16 @@ class VAEStage(L.LightningModule):
             image's: a gate half open over the lips (0.66 in docs/vae.md, row an') blends the reference's mouth into
             the drawn one. Training only (needs keypoints). Measured (rows au, av): Sync-C rises, but the gate also
             closes beyond the lips and PSNR, HF and r in speech fall; not in the default.
+        unshown_gate_weight: weight of a cross-entropy that shuts the copy head's gate over the pixels that no guidance
+            image shows within ``unshown_radius`` pixels of their place (mean channel difference over
+            ``changed_threshold``; :func:`~dystream.objectives.vae.unshown_pixels`); 0 = off. Over a raised arm the
+            gate stays open (0.9 in docs/vae.md, "Where the hands go") and the reference's body is drawn where the arm
+            is; the pixel loss alone does not shut it. Training only; no keypoints needed.
+        unshown_radius: how far (pixels) a guidance image's pixel may sit from a frame's and still show it.
+        still_gate_weight: weight of a cross-entropy that opens the copy head's gate (towards the reference's pixels)
+            where a guidance image shows the frame exactly at its place (``unshown_pixels`` with radius 0, negated):
+            the still background and body, where the copy is right; 0 = off. With ``unshown_gate_weight`` alone the
+            gate also half-closes over still regions and the decoder's grainier drawing shows through there.
         gate_tolerance: largest ``|copy - real|`` (pixels in [-1, 1]) at which the copy counts as right.
         copy_weight: weight of an L1 between the copy head's copy itself (before the gate) and the real frames;
             0 = off. The pixel loss reaches the copy only where the gate is open, so where the body has moved and
@@ -186,6 +198,9 @@ class VAEStage(L.LightningModule):
         gate_weight: NonNegativeFloat = 0.0,
         gate_tolerance: PositiveFloat = 0.1,
         mouth_gate_weight: NonNegativeFloat = 0.0,
+        unshown_gate_weight: NonNegativeFloat = 0.0,
+        unshown_radius: NonNegativeInt = 2,
+        still_gate_weight: NonNegativeFloat = 0.0,
         copy_weight: NonNegativeFloat = 0.0,
         copy_gate_soft_steps: NonNegativeInt = 0,
         kl_weight: NonNegativeFloat = 1e-4,
@@ -339,11 +354,13 @@ class VAEStage(L.LightningModule):
         return nll, logs
 
     def reconstruction_nll(
-        self, batch: dict[str, Any], out: VAEOutput, clip: Tensor
+        self, batch: dict[str, Any], out: VAEOutput, clip: Tensor, guidance: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The pixel terms of the output, plus ``estimate_weight`` times those of the drawing before the copy head and
         ``gate_weight`` times the copy gate's cross-entropy against where the copy is right, plus ``copy_weight``
-        times the L1 of the copy itself."""
+        times the L1 of the copy itself, plus ``unshown_gate_weight`` times the gate's cross-entropy against 0 where
+        no guidance image (``guidance [B, K, C, H, W]``, what the copy head copied from) shows the frame and
+        ``still_gate_weight`` times its cross-entropy against 1 where one shows it at the same place."""
         nll, logs = self.pixel_losses(batch, out.recon, clip)
         if self.hparams.estimate_weight > 0 and out.estimate is not None:
             estimate_nll, estimate_logs = self.pixel_losses(batch, out.estimate, clip)
@@ -358,6 +375,16 @@ class VAEStage(L.LightningModule):
             shut = shut_gate_loss(out.copy_gate, lips)
             nll = nll + self.hparams.mouth_gate_weight * shut
             logs["mouth_gate_bce"] = shut.detach()
+        if self.hparams.unshown_gate_weight > 0 and out.copy_gate is not None and guidance is not None:
+            unshown = unshown_pixels(clip, guidance, self.hparams.changed_threshold, self.hparams.unshown_radius)
+            shut = shut_gate_loss(out.copy_gate, unshown)
+            nll = nll + self.hparams.unshown_gate_weight * shut
+            logs["unshown_gate_bce"] = shut.detach()
+        if self.hparams.still_gate_weight > 0 and out.copy_gate is not None and guidance is not None:
+            still = ~unshown_pixels(clip, guidance, self.hparams.changed_threshold, 0)
+            opened = open_gate_loss(out.copy_gate, still)
+            nll = nll + self.hparams.still_gate_weight * opened
+            logs["still_gate_bce"] = opened.detach()
         if self.hparams.copy_weight > 0 and out.copy is not None:
             copy_l1 = l1_loss(out.copy, clip)
             nll = nll + self.hparams.copy_weight * copy_l1
@@ -370,7 +397,7 @@ class VAEStage(L.LightningModule):
         the VAE's own objective, before any adversarial term (also what `dystream bench vae` times)."""
         clip, guidance = self.clip_and_references(batch, k)
         out = self.vae(clip, guidance, sample=self.hparams.sample_posterior)
-        nll, logs = self.reconstruction_nll(batch, out, clip)
+        nll, logs = self.reconstruction_nll(batch, out, clip, guidance)
         kl = kl_loss(out.mean, out.logvar)
         logs["kl"] = kl.detach()
         return nll + self.hparams.kl_weight * kl, nll, clip, out, logs
