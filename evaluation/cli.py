@@ -247,7 +247,10 @@ def _reconstruction_row(cfg: EvalConfig, suite: MetricSuite, clips: EvalClips, r
     frames = np.stack(reconstruct(cfg.reconstruction_vae, clips.references, clips.frames, cfg.batch_size, cfg.device))
     values = _score(suite, clips, frames, real).values
     values.update(reconstruction_quality(frames, clips.frames))
-    values["hand_kpt_error"] = suite.na("hkv") or _hand_keypoint_error(suite, clips.frames, frames)
+    if na := suite.na("hkv"):
+        values["hand_kpt_error"] = values["hand_kpt_found"] = na
+    else:
+        values["hand_kpt_error"], values["hand_kpt_found"] = _hand_keypoints(suite, clips.frames, frames)
     return Row(name, "vae_reconstruction", values, resolution=res)
 
 
@@ -287,15 +290,27 @@ def _muted_partner_clips(clips: EvalClips, log) -> EvalClips | None:
     return dataclasses.replace(clips, frames=np.stack(frames), kpts=labels, audio_other=np.stack(silent))
 
 
-def _hand_keypoint_error(suite: MetricSuite, real: np.ndarray, recon: np.ndarray) -> float:
-    """Mean pixel distance of the pose network's hand keypoints on reconstructions vs on the real frames (both
-    confident), over all clips: whether gesturing hands survive the VAE."""
+def _hand_keypoints(suite: MetricSuite, real: np.ndarray, recon: np.ndarray) -> tuple[float, float]:
+    """``(error, found)``: the mean over clips of the pixel distance of the pose network's hand keypoints on
+    reconstructions vs on the real frames (both confident), whether gesturing hands survive the VAE where they are
+    drawn; and the share of the hand keypoints it finds on the real frames that it also finds on the reconstructions
+    (pooled over clips), whether they are drawn at all."""
     from dystream.datamodules.keypoints import HANDS
-    from dystream.evaluation.reconstruction import keypoint_error
+    from dystream.evaluation.reconstruction import keypoint_error, keypoints_found
 
-    errors = [keypoint_error(suite.pose(fake), suite.pose(clip), HANDS) for fake, clip in zip(recon, real, strict=True)]
+    errors, found, seen = [], 0, 0
+    for fake, clip in zip(recon, real, strict=True):
+        kpts_fake, kpts_real = suite.pose(fake), suite.pose(clip)
+        errors.append(keypoint_error(kpts_fake, kpts_real, HANDS))
+        f, s = keypoints_found(kpts_fake, kpts_real, HANDS)
+        found, seen = found + f, seen + s
     errors = [e for e in errors if np.isfinite(e)]
-    return float(np.mean(errors)) if errors else float("nan")
+    return (float(np.mean(errors)) if errors else float("nan")), (found / seen if seen else float("nan"))
+
+
+def _hand_keypoint_error(suite: MetricSuite, real: np.ndarray, recon: np.ndarray) -> float:
+    """The first of :func:`_hand_keypoints`."""
+    return _hand_keypoints(suite, real, recon)[0]
 
 
 def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:

@@ -91,3 +91,16 @@ def keypoint_error(kpts_recon: np.ndarray, kpts_real: np.ndarray, group: slice, 
     if not keep.any():
         return float("nan")
     return float(np.linalg.norm(a[..., :2] - b[..., :2], axis=-1)[keep].mean())
+
+
+def keypoints_found(
+    kpts_recon: np.ndarray, kpts_real: np.ndarray, group: slice, min_confidence: float = 0.3
+) -> tuple[int, int]:
+    """``(found, seen)``: of the ``seen`` keypoints of ``group`` the network finds on the real frames (confidence at
+    least ``min_confidence``), how many it also finds on the reconstructions. :func:`keypoint_error` leaves the
+    others out, so a VAE that erases a raised arm loses nothing there; this is the count that sees it."""
+    a, b = np.asarray(kpts_recon)[:, group], np.asarray(kpts_real)[:, group]
+    if a.shape != b.shape or a.shape[-1] != 3:
+        raise ValueError(f"keypoints_found: keypoints {a.shape} and {b.shape} must match and end in (x, y, c)")
+    seen = b[..., 2] >= min_confidence
+    return int((seen & (a[..., 2] >= min_confidence)).sum()), int(seen.sum())

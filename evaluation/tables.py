@@ -8,7 +8,8 @@
 - Table 4 (mouth and voice): Sync-C, Sync-D and the mouth-voice correlation (`mouth_voice.py`) against the own voice,
   against another clip's voice ("other voice": the floor), and for models driven by another clip's voice ("swapped
   voice": the mouth follows the audio, not only the speaking mask).
-- Table 5 (VAE reconstruction): PSNR, SSIM, high-frequency energy ratio, colour error, hand keypoint error, Sync-C and
+- Table 5 (VAE reconstruction): PSNR, SSIM, high-frequency energy ratio, colour error, hand keypoint error and the
+  share of the real frames' hand keypoints found on the reconstructions, Sync-C and
   the mouth-voice correlation in speech of the VAE reconstruction row only (`reconstruction.py`): what every
   generator on that VAE inherits.
 
@@ -77,6 +78,7 @@ TABLE5: list[tuple[str, str, int]] = [
     ("colour error, worst (1/255)", "colour_error_max", 2),
     ("colour error, mean (1/255)", "colour_error_mean", 2),
     ("hand keypoints (px)", "hand_kpt_error", 2),
+    ("hand keypoints found", "hand_kpt_found", 3),
     ("Sync-C", "sync_c", 2),
     ("r in speech", "mouth_voice_r_speech", 3),
 ]

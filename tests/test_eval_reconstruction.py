@@ -11,7 +11,12 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from dystream.evaluation.reconstruction import keypoint_error, laplacian_energy, reconstruction_quality
+from dystream.evaluation.reconstruction import (
+    keypoint_error,
+    keypoints_found,
+    laplacian_energy,
+    reconstruction_quality,
+)
 
 
 def _clips(n: int = 2, t: int = 4, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -79,6 +84,12 @@ def test_keypoint_error_over_confident_points_only():
     assert keypoint_error(recon, real, slice(0, 10)) == pytest.approx(5.0)
     real[..., 2] = 0.0
     assert np.isnan(keypoint_error(recon, real, slice(0, 10)))
+    real[..., 2] = 1.0
+    real[4, :, 2] = 0.1  # a frame where the network does not see the hands on the real frame: not counted
+    assert keypoints_found(recon, real, slice(0, 10)) == (4 * 9, 4 * 10)  # the unsure point is not found
+    assert keypoints_found(recon, real, slice(0, 1)) == (0, 4)
+    with pytest.raises(ValueError, match="keypoints_found"):
+        keypoints_found(recon[:, :5], real, slice(0, 10))
 
 
 def test_vae_report_end_to_end(tmp_path):

@@ -241,6 +241,8 @@ def test_vae_reconstruction_rows(tmp_path):
     assert isinstance(rec.values["sync_c"], float) and isinstance(rec.values["sync_c_other"], float)
     assert rec.values["sync_c_other"] != rec.values["sync_c"]  # scored against another clip's voice
     assert "mouth_voice_r_speech_swapped" not in rec.values  # only a model can be driven by another voice
+    found = rec.values["hand_kpt_found"]  # a share of the real frames' hand keypoints, or NaN if none was seen
+    assert isinstance(found, float) and (0.0 <= found <= 1.0 or np.isnan(found))
 
     recipe.write_text(body + f"reconstruction_vae: {tmp_path / 'none.safetensors'}\n")
     rows, _, _ = eval_cli.evaluate(eval_cli.load_config(recipe), log=lambda *a: None)
