@@ -308,11 +308,6 @@ def _hand_keypoints(suite: MetricSuite, real: np.ndarray, recon: np.ndarray) -> 
     return (float(np.mean(errors)) if errors else float("nan")), (found / seen if seen else float("nan"))
 
 
-def _hand_keypoint_error(suite: MetricSuite, real: np.ndarray, recon: np.ndarray) -> float:
-    """The first of :func:`_hand_keypoints`."""
-    return _hand_keypoints(suite, real, recon)[0]
-
-
 def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
     """Run the whole evaluation: (rows, protocol notes, meta)."""
     from dystream.evaluation.generation import generate

@@ -142,25 +142,25 @@ def edge_l1_loss(recon: Tensor, target: Tensor) -> Tensor:
     return error.diff(dim=-1).abs().mean() + error.diff(dim=-2).abs().mean()
 
 
+def _check_gate_region(name: str, gate: Tensor, region: Tensor) -> None:
+    if gate.ndim != 5 or region.shape != (gate.shape[0], *gate.shape[2:]):
+        raise ValueError(
+            f"{name}: region must be [B, T, H, W] = {(gate.shape[0], *gate.shape[2:])}, got "
+            f"{tuple(region.shape)} for a gate of {tuple(gate.shape)}"
+        )
+
+
 def shut_gate_loss(gate: Tensor, region: Tensor) -> Tensor:
     """Mean binary cross-entropy of the copy gate ``[B, C, T, H, W]`` against 0 (the decoder's own drawing) over the
     pixels (all channels) where ``region [B, T, H, W]`` is set; 0 if empty."""
-    if gate.ndim != 5 or region.shape != (gate.shape[0], *gate.shape[2:]):
-        raise ValueError(
-            f"shut_gate_loss: region must be [B, T, H, W] = {(gate.shape[0], *gate.shape[2:])}, got "
-            f"{tuple(region.shape)} for a gate of {tuple(gate.shape)}"
-        )
+    _check_gate_region("shut_gate_loss", gate, region)
     return _region_mean(-torch.log1p(-gate.clamp(max=1 - 1e-6)), region)
 
 
 def open_gate_loss(gate: Tensor, region: Tensor) -> Tensor:
-    """Mean binary cross-entropy of the copy gate ``[B, C, T, H, W]`` against 1 (the reference's pixels) over the
-    pixels (all channels) where ``region [B, T, H, W]`` is set; 0 if empty. The mirror of :func:`shut_gate_loss`."""
-    if gate.ndim != 5 or region.shape != (gate.shape[0], *gate.shape[2:]):
-        raise ValueError(
-            f"open_gate_loss: region must be [B, T, H, W] = {(gate.shape[0], *gate.shape[2:])}, got "
-            f"{tuple(region.shape)} for a gate of {tuple(gate.shape)}"
-        )
+    """Mean binary cross-entropy of the copy gate against 1 (the reference's pixels) over ``region``; the mirror of
+    :func:`shut_gate_loss`."""
+    _check_gate_region("open_gate_loss", gate, region)
     return _region_mean(-torch.log(gate.clamp(min=1e-6)), region)
 
 
