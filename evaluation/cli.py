@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from dystream.evaluation.generation import ModelSpec
-from dystream.evaluation.suite import NA, EvalVideo, MetricSuite, SuiteConfig, SuiteResult
+from dystream.evaluation.suite import KEYPOINT_METRICS, NA, EvalVideo, MetricSuite, SuiteConfig, SuiteResult
 from dystream.evaluation.tables import Row, write_tables
 
 HELP = "generate the evaluation set with each model of recipes/eval.yaml and write the benchmark tables"
@@ -217,9 +217,6 @@ def load_clips(cfg: ClipsConfig) -> EvalClips:
     )
 
 
-KEYPOINT_KEYS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech")
-
-
 def _flag(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{where}: expected true or false, got {value!r}")
@@ -329,7 +326,7 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
     rows = [Row("Ground truth", "ground_truth", values, resolution=res)]
     if all(k is not None for k in clips.kpts):
         exact = _score(suite, clips, None, exact=True).values
-        labels = {k: v for k, v in exact.items() if k.removesuffix("_other").removesuffix("_clips") in KEYPOINT_KEYS}
+        labels = {k: v for k, v in exact.items() if k.removesuffix("_other").removesuffix("_clips") in KEYPOINT_METRICS}
         rows.append(Row("Ground truth (exact keypoints)", "ground_truth_exact_keypoints", labels, resolution=res))
 
     muted = _muted_partner_clips(clips, log)
@@ -337,7 +334,7 @@ def evaluate(cfg: EvalConfig, log=print) -> tuple[list[Row], list[str], dict]:
         rows.append(Row(MUTED_PARTNER_ROW, "ground_truth_partner_muted", _score(suite, muted, None, real).values,
                         resolution=res))  # fmt: skip
         exact = _score(suite, muted, None, exact=True).values
-        labels = {k: v for k, v in exact.items() if k.removesuffix("_other").removesuffix("_clips") in KEYPOINT_KEYS}
+        labels = {k: v for k, v in exact.items() if k.removesuffix("_other").removesuffix("_clips") in KEYPOINT_METRICS}
         rows.append(Row(MUTED_PARTNER_EXACT_ROW, "ground_truth_partner_muted_exact_keypoints",
                         labels, resolution=res))  # fmt: skip
 

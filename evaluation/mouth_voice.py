@@ -13,6 +13,11 @@ Pearson correlation r of the two series over a video:
 - `mouth_voice_r_speech`: over the frames where the avatar speaks (mask 1) only: syllable by syllable, what the mask
   alone cannot explain.
 
+A low r has two causes a generator's fix tells apart: a mouth that answers the voice too little, or one that also
+moves in ways the voice does not explain. `mouth_voice_split` splits the opening's spread over the same frames into
+the two (a least-squares line on the loudness): the response, slope x std(loudness) = r x std(opening), and the
+unrelated motion, the residual's std = sqrt(1 - r^2) x std(opening), so r = response / sqrt(response^2 + unrelated^2).
+
 In the synthetic world the mouth opening *is* the own voice's per-frame envelope (`datamodules/synthetic.py`,
 `sample_motion`), so the exact keypoints give r ~ 1 and any other voice r ~ 0. Scored against another clip's voice
 (`dystream eval`'s "other voice" columns) every video gives r ~ 0: the floor. r is NaN for a video with fewer than
@@ -28,7 +33,14 @@ import numpy as np
 from dystream.datamodules.format import frame_rms
 from dystream.evaluation.keypoints import KeypointLayout
 
-__all__ = ["INNER_LIP_PAIRS", "lagged_mouth_voice_r", "mouth_opening", "mouth_voice_correlation", "pearson_r"]
+__all__ = [
+    "INNER_LIP_PAIRS",
+    "lagged_mouth_voice_r",
+    "mouth_opening",
+    "mouth_voice_correlation",
+    "mouth_voice_split",
+    "pearson_r",
+]
 
 # iBUG-68 inner lips: 60 and 64 are the corners, 61-63 the upper lip (left to right), 65-67 the lower (right to left)
 INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))
@@ -88,6 +100,23 @@ def mouth_voice_correlation(
             raise ValueError(f"mouth_voice_correlation: mask has shape {m.shape}, the opening {opening.shape}")
         opening, loudness = opening[m], loudness[m]
     return pearson_r(opening, loudness, min_frames=min_frames)
+
+
+def mouth_voice_split(
+    opening: np.ndarray, voice: np.ndarray, mask: np.ndarray | Sequence[float] | None = None, min_frames: int = 10
+) -> tuple[float, float]:
+    """(response, unrelated): the mouth opening's spread over the frames `mouth_voice_correlation` scores, split by a
+    least-squares line on the voice's loudness into the part the loudness explains, r x std(opening) (signed: a
+    mouth that closes as the voice gets louder is negative), and the residual's std, sqrt(1 - r^2) x std(opening)
+    (population stds over the frames where the opening is finite). NaN, NaN where r is NaN."""
+    r = mouth_voice_correlation(opening, voice, mask, min_frames=min_frames)
+    if not np.isfinite(r):
+        return float("nan"), float("nan")
+    o = np.asarray(opening, dtype=np.float64)
+    if mask is not None:
+        o = o[np.asarray(mask) > 0.5]
+    spread = float(o[np.isfinite(o)].std())  # the loudness is finite on every frame
+    return r * spread, float(np.sqrt(max(1.0 - r * r, 0.0))) * spread
 
 
 def lagged_mouth_voice_r(

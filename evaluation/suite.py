@@ -11,6 +11,7 @@ Metrics (docs/evaluation.md for each protocol):
 | `sync_c`, `sync_d` | Sync-C / Sync-D (`SyncNetScorer`, synthetic SyncNet), mean over videos | `metric_syncnet` |
 | `hkc`, `hkv`, `lbkv`, `lhkv`, `lfkv` | keypoint metrics on the synthetic pose network's keypoints | `metric_pose` |
 | `mouth_voice_r`, `mouth_voice_r_speech` | r of lip gap and voice loudness, all / speaking frames | `metric_pose` |
+| `mouth_response_speech`, `mouth_unrelated_speech` | lip gap spread in speech: voice-explained / rest | `metric_pose` |
 | `<sync/mouth key>_other` | the same, against `EvalVideo.other_audio` (keypoints, lip embeddings reused) | as above |
 | `drift_*` | identity drift: cosine distance to the reference, else 64x64 pixel RMS | `metric_identity` |
 
@@ -42,7 +43,7 @@ from dystream.evaluation.metric_nets import (
     load_metric_pose,
     load_metric_syncnet,
 )
-from dystream.evaluation.mouth_voice import mouth_opening, mouth_voice_correlation
+from dystream.evaluation.mouth_voice import mouth_opening, mouth_voice_correlation, mouth_voice_split
 from dystream.evaluation.networks.pose_small import PoseNetBackend
 from dystream.evaluation.networks.syncnet import load_syncnet
 from dystream.evaluation.sync import KeypointFaceBoxes, SyncNetScorer, crop_faces, sync_scores
@@ -60,8 +61,10 @@ __all__ = [
 ]
 
 FD_METRICS = ("fid", "fvd", "fd_pose", "fd_sync")
-VIDEO_METRICS = ("sync_c", "sync_d", "hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech")
-KEYPOINT_METRICS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech")
+# why r in speech is what it is: how far the mouth follows the loudness, and how much it moves otherwise
+MOUTH_SPLIT_METRICS = ("mouth_response_speech", "mouth_unrelated_speech")
+KEYPOINT_METRICS = ("hkc", "hkv", "lbkv", "lhkv", "lfkv", "mouth_voice_r", "mouth_voice_r_speech", *MOUTH_SPLIT_METRICS)
+VIDEO_METRICS = ("sync_c", "sync_d", *KEYPOINT_METRICS)
 # the same lips against `EvalVideo.other_audio` (another clip's voice: the floor of a video that ignores its audio)
 OTHER_VOICE_METRICS = ("sync_c_other", "sync_d_other", "mouth_voice_r_other", "mouth_voice_r_speech_other")
 DRIFT_METRICS = ("drift_mean", "drift_first", "drift_last", "drift_slope_per_min")
@@ -313,6 +316,7 @@ class MetricSuite:
             for suffix, voice in voices.items():
                 out[f"mouth_voice_r{suffix}"] = mouth_voice_correlation(opening, voice)
                 out[f"mouth_voice_r_speech{suffix}"] = mouth_voice_correlation(opening, voice, video.mask)
+            out.update(zip(MOUTH_SPLIT_METRICS, mouth_voice_split(opening, video.audio, video.mask), strict=True))
         boxes = self._boxes(video, None if exact_keypoints else kpts)
         if self.scorer is not None and boxes is not None:
             crops = crop_faces(video.frames, boxes)

@@ -70,6 +70,8 @@ TABLE4: list[tuple[str, str, int]] = [
     ("r in speech", "mouth_voice_r_speech", 3),
     ("r in speech, other voice", "mouth_voice_r_speech_other", 3),
     ("r in speech, swapped voice", "mouth_voice_r_speech_swapped", 3),
+    ("mouth response in speech", "mouth_response_speech", 4),
+    ("unrelated mouth motion in speech", "mouth_unrelated_speech", 4),
 ]
 TABLE5: list[tuple[str, str, int]] = [
     ("PSNR (dB)", "psnr", 2),

@@ -7,9 +7,15 @@ import pytest
 from scipy.stats import pearsonr
 
 from dystream.datamodules import synthetic as syn
-from dystream.datamodules.format import SAMPLES_PER_FRAME
+from dystream.datamodules.format import SAMPLES_PER_FRAME, frame_rms
 from dystream.evaluation.keypoints import COCO_WHOLEBODY_133, DWPOSE_134
-from dystream.evaluation.mouth_voice import lagged_mouth_voice_r, mouth_opening, mouth_voice_correlation, pearson_r
+from dystream.evaluation.mouth_voice import (
+    lagged_mouth_voice_r,
+    mouth_opening,
+    mouth_voice_correlation,
+    mouth_voice_split,
+    pearson_r,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +99,26 @@ def test_lagged_r_peaks_where_the_mouth_was_shifted(clips):
     assert shifted[1] == pytest.approx(pearsonr(late[speak + 1], loud[speak]).statistic, abs=1e-9)
     with pytest.raises(ValueError, match="mask has shape"):
         lagged_mouth_voice_r(opening, c.audio_self, c.mask[:-1])
+
+
+def test_split_recovers_the_response_and_the_unrelated_motion_of_a_known_mouth(clips):
+    """A mouth drawn as a x loudness + noise of std s uncorrelated with the loudness over the speaking frames: the
+    split gives back a x std(loudness) and s, and r = response / sqrt(response^2 + unrelated^2)."""
+    rng = np.random.default_rng(0)
+    c = clips[0]
+    t = len(c.mask)
+    loud = frame_rms(c.audio_self, t)
+    keep = (c.mask > 0.5) & (np.arange(t) != 3)  # frame 3's opening is unusable (NaN): left out of both
+    basis = np.stack([np.ones(keep.sum()), loud[keep]], 1)
+    for a, s in ((2.0, 0.0), (2.0, 0.02), (0.5, 0.05), (-1.0, 0.01)):
+        noise = rng.standard_normal(keep.sum())
+        noise -= basis @ np.linalg.lstsq(basis, noise, rcond=None)[0]  # no part of it follows the loudness
+        opening = a * loud
+        opening[keep] += s * noise / noise.std()
+        opening[3] = np.nan
+        response, unrelated = mouth_voice_split(opening, c.audio_self, c.mask)
+        r = mouth_voice_correlation(opening, c.audio_self, c.mask)
+        assert response / np.hypot(response, unrelated) == pytest.approx(r, abs=1e-12)
+        assert response == pytest.approx(a * loud[keep].std(), rel=1e-9)
+        assert unrelated == pytest.approx(s, rel=1e-6, abs=1e-9)
+    assert all(np.isnan(mouth_voice_split(np.full(t, 0.3), c.audio_self, c.mask)))  # a frozen mouth: r is NaN

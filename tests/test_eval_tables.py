@@ -69,12 +69,13 @@ def test_tables_writer_layout(tmp_path):
     assert doc["columns"]["table1"] == ["fid", "fvd", "fd_pose", "fd_sync", "sync_c", "sync_d", "hkv", "steps",
                                         "resolution", "time_per_5s"]  # fmt: skip
     assert doc["columns"]["table2"] == ["lbkv", "lhkv", "lfkv", "lbkv_clips", "lhkv_clips", "lfkv_clips"]
-    assert doc["columns"]["table4"][-1] == "mouth_voice_r_speech_swapped"
+    assert doc["columns"]["table4"][-3:] == ["mouth_voice_r_speech_swapped", "mouth_response_speech",
+                                              "mouth_unrelated_speech"]  # fmt: skip
     assert "| Ground truth | 4.50 | 0.90 | 2.10 | 7.00 | 0.900 | -0.010 | — | — | — |" in md  # Table 4
     assert "| Teacher | 1.00 | — | — | — | — | — | — | — | 0.250 |" in md
     with open(tmp_path / "table4_voice.csv") as f:
         head = next(csv.reader(f))
-    assert head[:3] == ["Method", "Sync-C", "Sync-C, other voice"] and head[-1] == "r in speech, swapped voice"
+    assert head[:3] == ["Method", "Sync-C", "Sync-C, other voice"] and head[-1] == "unrelated mouth motion in speech"
     teacher = doc["rows"][2]
     assert teacher["values"]["fid"] == {"value": None, "na": _rows()[0].values["fid"].reason}
     assert teacher["values"]["hkv"] is None and teacher["time_per_5s"] == 3.25 and doc["meta"] == {"x": 1}
@@ -176,6 +177,8 @@ def test_eval_cli_end_to_end_with_a_missing_network_and_a_missing_model(tmp_path
     assert isinstance(exact["values"]["hkv"], float) and "sync_c" not in exact["values"]
     # the labels' mouth is the own voice's envelope: r ~ 1 with it, far lower against another clip's voice
     assert exact["values"]["mouth_voice_r"] > 0.9 > exact["values"]["mouth_voice_r_other"] + 0.4
+    # ... and all but a sliver of its spread in speech is the response to that voice
+    assert exact["values"]["mouth_response_speech"] > 5 * exact["values"]["mouth_unrelated_speech"] > 0
     assert "make train RECIPE=stage1_sid" in sid["values"]["hkv"]["na"]
     assert "make train RECIPE=stage1_sid" in sid["values"]["mouth_voice_r_speech_swapped"]["na"]
     assert "Table 4: does the mouth follow the voice" in (tmp_path / "results" / "results.md").read_text()
