@@ -77,6 +77,7 @@ def _stream(model: AvatarDiT, x, sigma, talk, listen, denoise_steps: int = 0):
         ({"patch_size": (1, 4, 4), "in_channels": 4, "out_channels": 4}, 6),  # 4x4 patches on tiny-f4 latents
         ({"audio_lookbehind_frames": 8}, 4),  # chunks hear 8 frames of the previous chunk's audio
         ({"audio_lookbehind_frames": 13, "window_frames": 3, "rapr_max_distance": 7}, 5),  # further than a chunk
+        ({"audio_lookbehind_frames": 8, "talk_lookbehind_frames": 2}, 4),  # the own voice's window narrower
     ],
 )
 def test_streaming_equals_block_causal_forward(overrides, n_chunks):
@@ -171,12 +172,15 @@ def test_future_audio_beyond_lookahead_does_not_change_earlier_frames():
             assert not torch.allclose(out[:, :, end], base[:, :, end])
 
 
-@pytest.mark.parametrize("behind, ahead", [(0, 2), (5, 2), (8, 0)])
-def test_each_latent_frame_hears_exactly_its_audio_window(behind, ahead):
+@pytest.mark.parametrize("behind, ahead, talk_behind", [(0, 2, None), (5, 2, None), (8, 0, None), (8, 2, 0), (8, 2, 3)])
+def test_each_latent_frame_hears_exactly_its_audio_window(behind, ahead, talk_behind):
     """One block: the audio attention's update of latent frame i (own video frames 4(i-1) .. 4i-1) reaches only that
     frame's output, so a change of video frame v's audio moves exactly the frames whose window
-    4(i-1) - lookbehind .. 4i-1 + lookahead holds v (the look-behind of the first frames is silence)."""
-    model = _model(num_layers=1, audio_lookbehind_frames=behind, audio_lookahead_frames=ahead)
+    4(i-1) - lookbehind .. 4i-1 + lookahead holds v (the look-behind of the first frames is silence); the own
+    voice's window starts `talk_lookbehind_frames` before the frame's own when that is set."""
+    model = _model(
+        num_layers=1, audio_lookbehind_frames=behind, audio_lookahead_frames=ahead, talk_lookbehind_frames=talk_behind
+    )
     x, sigma, talk, listen = _inputs(model.config, 3)
     f = x.shape[2]
     with torch.no_grad():
@@ -187,7 +191,8 @@ def test_each_latent_frame_hears_exactly_its_audio_window(behind, ahead):
                 (t2 if which == "talk" else l2)[:, v] += 3.0
                 out = model(x, sigma, t2, l2, attention="bidirectional")
                 moved = {i for i in range(f) if not torch.allclose(out[:, :, i], base[:, :, i], atol=1e-6)}
-                hears = {i for i in range(1, f) if 4 * (i - 1) - behind <= v <= 4 * i - 1 + ahead}
+                back = behind if which == "listen" or talk_behind is None else talk_behind
+                hears = {i for i in range(1, f) if 4 * (i - 1) - back <= v <= 4 * i - 1 + ahead}
                 assert moved == hears, (which, v, moved, hears)
 
 

@@ -109,6 +109,9 @@ class DiTConfig:
     # past video frames each latent frame also hears (a listener's nod answers the partner's phrase end 2-8 frames
     # earlier; docs/evaluation.md, "Does the teacher hear the partner?"); zeros before the stream's start
     audio_lookbehind_frames: int = 0
+    # of those, how many the own voice's attention (talk) hears; None = all. The mouth follows the voice frame by
+    # frame, so the talk attention can keep a narrow window while the listen attention reads the partner's past
+    talk_lookbehind_frames: int | None = None
     audio_attn_dim: int | None = None  # inner width of the audio attentions; None = dim
     frames_per_latent: int = 4  # video frames per latent frame (VAE temporal stride)
     # --- block-causal student and streaming (§3.1.1, §4.1) ---
@@ -149,6 +152,12 @@ class DiTConfig:
         for name in ("audio_lookahead_frames", "audio_lookbehind_frames"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DiTConfig.{name} must be >= 0, got {getattr(self, name)}")
+        talk_behind, behind = self.talk_lookbehind_frames, self.audio_lookbehind_frames
+        if talk_behind is not None and not 0 <= talk_behind <= behind:
+            raise ValueError(
+                f"DiTConfig.talk_lookbehind_frames must be in [0, audio_lookbehind_frames={behind}] or None (all of "
+                f"them), got {talk_behind}"
+            )
         if self.audio_attn_dim is not None and (self.audio_attn_dim < 1 or self.audio_attn_dim % self.head_dim != 0):
             raise ValueError(
                 f"DiTConfig.audio_attn_dim={self.audio_attn_dim} must be a positive multiple of "
@@ -535,7 +544,12 @@ class AvatarDiT(nn.Module):
         if num_latent == 0:
             return None
         weight = self.audio_proj.net[0].weight
-        return self.audio_proj(feats.to(device=weight.device, dtype=weight.dtype), num_latent)
+        tokens, has_audio = self.audio_proj(feats.to(device=weight.device, dtype=weight.dtype), num_latent)
+        if name == "audio_talk" and cfg.talk_lookbehind_frames is not None:
+            # the talk attention's window starts talk_lookbehind_frames before the latent frame's own video frames
+            first = (behind - cfg.talk_lookbehind_frames) * cfg.audio_tokens_per_frame
+            tokens, has_audio = tokens[:, :, first:], has_audio[:, :, first:]
+        return tokens, has_audio
 
     def audio_window(self, audio: Tensor | None, start: int, size: int) -> Tensor | None:
         """Cut the chunk audio for latent frames ``start .. start+size-1`` from ``audio [B, T, D]`` (the stream's
