@@ -196,3 +196,49 @@ def test_sid_resumed_mid_epoch_continues_on_the_same_trajectory(files, tmp_path)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _checkpoint_args(recipe: Path) -> list[dict]:
+    import yaml
+
+    callbacks = (yaml.safe_load(recipe.read_text()).get("trainer") or {}).get("callbacks") or []
+    return [c.get("init_args", {}) for c in callbacks if c.get("class_path", "").endswith("ModelCheckpoint")]
+
+
+def test_every_recipe_keeps_last_ckpt_the_newest():
+    """Every recipe that saves last.ckpt (the file docs/recipes.md resumes from) turns Lightning's version counter
+    off: with it on, a run directory that was moved or copied (another machine, a renamed folder) writes last-v1.ckpt
+    on resume, and a second resume from last.ckpt silently starts over from the first checkpoint."""
+    recipes = sorted(RECIPES.rglob("*.yaml"))
+    checked = [(r.name, a) for r in recipes for a in _checkpoint_args(r) if a.get("save_last")]
+    assert len(checked) >= 9  # the chain's stages, the metric networks, the ablation arms
+    for name, args in checked:
+        assert args.get("enable_version_counter") is False, name
+
+
+def test_a_moved_run_resumed_twice_continues_from_its_newest_step(tmp_path):
+    """The recipes' checkpoint settings on a tiny model: train 4 steps, move the run directory, resume to 6 and then
+    to 8 from last.ckpt each time; last.ckpt holds step 8 (Lightning's defaults leave it at 4)."""
+    import shutil
+
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    (args,) = _checkpoint_args(RECIPES / "teacher.yaml")
+    settings = {k: v for k, v in args.items() if k not in ("dirpath", "every_n_train_steps")}
+
+    def fit(run: Path, steps: int, resume: bool) -> None:
+        checkpoint = ModelCheckpoint(dirpath=run / "checkpoints", every_n_train_steps=2, **settings)
+        trainer = L.Trainer(max_steps=steps, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu")  # fmt: skip
+        trainer.fit(BoringModel(), ckpt_path=run / "checkpoints" / "last.ckpt" if resume else None)
+
+    fit(tmp_path / "first", 4, resume=False)
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    fit(tmp_path / "moved", 6, resume=True)
+    fit(tmp_path / "moved", 8, resume=True)
+    last = torch.load(tmp_path / "moved" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 8
+    assert not list((tmp_path / "moved" / "checkpoints").glob("last-v*.ckpt"))
