@@ -239,6 +239,6 @@ def test_a_moved_run_resumed_twice_continues_from_its_newest_step(tmp_path):
     shutil.move(tmp_path / "first", tmp_path / "moved")
     fit(tmp_path / "moved", 6, resume=True)
     fit(tmp_path / "moved", 8, resume=True)
-    last = torch.load(tmp_path / "moved" / "checkpoints" / "last.ckpt", weights_only=False)
+    last = torch.load(tmp_path / "moved" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 8
     assert not list((tmp_path / "moved" / "checkpoints").glob("last-v*.ckpt"))
